@@ -1,0 +1,178 @@
+"""`khmon doctor`: what this kernel offers and what khmon will use, checked, not assumed.
+
+Each check is a Check(area, item, state, detail). state is "ok", "info", "warn" or "fail";
+"fail" on anything live capture needs makes doctor exit nonzero with that reason. Function
+probes are tried by loading a trivial program, because BTF listing a function does not mean
+the kernel lets BPF attach to it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .bpfgen import ProbeConfig
+from .btf import Btf
+from .errors import KhmonError
+from .session import owner_offsets
+from .sysfs import THP, read_settings, selected
+from .tracefs import khugepaged_events, read_format, tracefs_root
+
+# Per-PMD entry points across kernels: collapse_single_pmd (7.2), hpage_collapse_scan_pmd
+# (6.1-6.18), collapse_scan_pmd (the mTHP series renamed it; inlined on 7.2).
+PMD_FUNCS = ("collapse_single_pmd", "hpage_collapse_scan_pmd", "collapse_scan_pmd",
+             "collapse_huge_page")
+DATA_SYMBOLS = ("page_offset_base", "khugepaged_scan")
+# Events the mTHP collapse series added; their absence is information, not failure.
+NEWER_EVENTS = ("mm_khugepaged_scan",)
+
+
+@dataclass(frozen=True)
+class Check:
+    area: str
+    item: str
+    state: str  # ok | info | warn | fail
+    detail: str
+
+
+def _kallsyms() -> dict[str, str]:
+    """symbol -> type letter, for the symbols doctor asks about."""
+    wanted = set(PMD_FUNCS) | set(DATA_SYMBOLS)
+    out: dict[str, str] = {}
+    try:
+        with open("/proc/kallsyms") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3 and parts[2] in wanted:
+                    out[parts[2]] = parts[1]
+    except OSError:
+        pass
+    return out
+
+
+def _headers() -> Check:
+    rel = platform.release()
+    build = Path("/lib/modules") / rel / "build"
+    if not build.exists():
+        return Check("bcc", "kernel headers", "fail",
+                     f"{build} missing: bcc cannot compile (make setup installs headers)")
+    target = build.resolve()
+    match = rel in target.name
+    return Check("bcc", "kernel headers", "ok" if match else "info",
+                 f"{build} -> {target}" + ("" if match else
+                 " (not this kernel's; fine: khmon takes struct offsets from BTF)"))
+
+
+def run_checks(trial: bool = True) -> list[Check]:
+    """Every check, in display order. `trial` loads and attaches real programs."""
+    checks: list[Check] = []
+    add = checks.append
+    rel = platform.release()
+    add(Check("kernel", "release", "info", f"{rel} ({platform.machine()})"))
+    root = os.geteuid() == 0
+    add(Check("kernel", "root", "ok" if root else "fail",
+              "running as root" if root else "not root: live capture needs root (use sudo)"))
+
+    btf: Btf | None = None
+    try:
+        btf = Btf.from_kernel()
+        add(Check("btf", "/sys/kernel/btf/vmlinux", "ok", f"{len(btf.types)} types"))
+    except KhmonError as e:
+        add(Check("btf", "/sys/kernel/btf/vmlinux", "fail", str(e)))
+    if btf is not None:
+        off = owner_offsets(btf)
+        add(Check("btf", "mm_struct.owner", "ok" if off.mm_owner is not None else "warn",
+                  f"offset {off.mm_owner}: events name the owning process" if off.mm_owner
+                  is not None else "absent (no CONFIG_MEMCG): events cannot name the owner"))
+        add(Check("btf", "task_struct.tgid/comm", "ok", f"offsets {off.task_tgid}/{off.task_comm}"))
+        cc = btf.member_offset("collapse_control", "mthp_present_ptes")
+        add(Check("btf", "collapse_control.mthp_present_ptes",
+                  "info", f"offset {cc}: exact per-PMD bitmaps" if cc is not None
+                  else "absent (kernel predates the mTHP collapse series)"))
+
+    try:
+        tr = tracefs_root()
+        add(Check("tracefs", "mount", "ok", str(tr)))
+        names = khugepaged_events(tr)
+        for name in names:
+            fmt = read_format(name, tr)
+            fields = ", ".join(f.name for f in fmt.own_fields)
+            table = fmt.status_field
+            extra = f"; {len(fmt.symbols[table])} {table} names" if table else ""
+            add(Check("tracepoint", name, "ok", f"fields: {fields}{extra}"))
+        for name in NEWER_EVENTS:
+            if name not in names:
+                add(Check("tracepoint", name, "info", "not on this kernel (mTHP collapse, 7.2+)"))
+        has_order = any(read_format(n, tr).field("order") for n in names)
+        add(Check("tracepoint", "order field", "info",
+                  "present: per-order collapse attempts" if has_order
+                  else "absent: every collapse is PMD-sized on this kernel"))
+    except KhmonError as e:
+        add(Check("tracefs", "tracepoints", "fail", str(e)))
+
+    syms = _kallsyms()
+    for func in PMD_FUNCS:
+        in_btf = btf is not None and btf.has_func(func)
+        in_ksyms = func in syms
+        add(Check("functions", func, "info",
+                  f"BTF {'yes' if in_btf else 'no'}, kallsyms {'yes' if in_ksyms else 'no'}"
+                  + ("" if in_btf or in_ksyms else " (inlined or renamed on this kernel)")))
+    for sym in DATA_SYMBOLS:
+        add(Check("kallsyms", sym, "info", "present" if sym in syms
+                  else "absent (CONFIG_KALLSYMS_ALL off, or hidden): no BPF page-table walk"))
+
+    checks.append(_headers())
+    if trial and root:
+        checks.extend(_trials(btf, syms))
+
+    settings = read_settings()
+    for key in ("enabled", "defrag", "khugepaged/scan_sleep_millisecs",
+                "khugepaged/pages_to_scan", "khugepaged/max_ptes_none",
+                "khugepaged/max_ptes_swap", "khugepaged/max_ptes_shared"):
+        if key in settings:
+            add(Check("thp", key, "info", settings[key]))
+    sizes = sorted((p.name for p in THP.glob("hugepages-*kB")),
+                   key=lambda n: int(n[len("hugepages-"):-2]))
+    enabled = [f"{n[len('hugepages-'):]}={selected(settings.get(n + '/enabled', '?'))}"
+               for n in sizes]
+    add(Check("thp", "mTHP sizes", "info", ", ".join(enabled) or "none"))
+    stats = sorted({p.name for p in THP.glob("hugepages-*kB/stats/collapse_*")})
+    add(Check("thp", "per-order collapse stats", "info",
+              ", ".join(stats) if stats else "none (kernel predates per-order collapse stats)"))
+    return checks
+
+
+def _trials(btf: Btf | None, syms: dict[str, str]) -> list[Check]:
+    """Load and attach for real: the live-capture program, then function-probe tiers."""
+    from .probes import try_function_probe
+    from .session import LiveCapture
+
+    out = []
+    try:
+        cap = LiveCapture(ProbeConfig(ringbuf_pages=8, dedup_entries=64))
+        bad = {k: v for k, v in cap.probes.attached.items() if v}
+        cap.probes.close()
+        out.append(Check("capture", "tracepoint programs", "warn" if bad else "ok",
+                         f"compiled, loaded and attached to {len(cap.probes.attached) - len(bad)}"
+                         f" tracepoints" + (f"; failed: {bad}" if bad else "")))
+    except KhmonError as e:
+        out.append(Check("capture", "tracepoint programs", "fail", str(e)))
+    target = next((f for f in PMD_FUNCS if (btf and btf.has_func(f)) or f in syms), None)
+    if target is None:
+        out.append(Check("probes", "kfunc/kprobe", "info", "no collapse function to try"))
+        return out
+    for kind in ("kfunc", "kprobe"):
+        err = try_function_probe(kind, target)
+        out.append(Check("probes", f"{kind} on {target}", "ok" if err is None else "info",
+                         "works" if err is None else f"refused: {err}"))
+    return out
+
+
+def failures(checks: list[Check]) -> list[Check]:
+    return [c for c in checks if c.state == "fail"]
+
+
+def as_json(checks: list[Check]) -> list[dict]:
+    return [asdict(c) for c in checks]

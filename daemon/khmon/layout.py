@@ -1,0 +1,155 @@
+"""The byte layout of khmon's event records, shared by the BPF generator and the decoder.
+
+A record is a fixed 64-byte header written by khmon's BPF code, then the event's own fields
+copied verbatim from the kernel's trace entry (so each field sits at its format-file offset
+minus the 8-byte common header), then one fixed-size NUL-padded buffer per __data_loc string.
+Because the body layout *is* the kernel's, a recording carries the format files and any
+machine can decode it.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import namedtuple
+from dataclasses import dataclass
+from functools import cached_property
+
+from .tpformat import EventFormat, Field
+
+COMMON_SIZE = 8  # common_type, common_flags, common_preempt_count, common_pid
+STR_LEN = 64  # bytes kept of each __data_loc string (file names)
+
+# The header, in C (bpf/khmon.bpf.c: struct khmon_hdr) and Python (struct module) form.
+HEADER_FIELDS = (
+    ("ts", "Q"),  # bpf_ktime_get_ns(): CLOCK_MONOTONIC, ns
+    ("count", "I"),  # kernel events this record stands for: 1, or the repeats a drain found
+    ("event", "H"),  # index into the recording's event table
+    ("cpu", "H"),
+    ("tid", "I"),  # the collapsing thread: khugepaged, or a MADV_COLLAPSE caller
+    ("tgid", "I"),  # its process
+    ("owner_tgid", "I"),  # the process owning the mm (mm->owner->tgid); 0 when unknown
+    ("flags", "I"),  # reserved
+    ("comm", "16s"),  # the collapsing thread's comm
+    ("owner_comm", "16s"),  # comm of the task mm->owner points at
+)
+HEADER_STRUCT = struct.Struct("<" + "".join(code for _, code in HEADER_FIELDS))
+HEADER_SIZE = HEADER_STRUCT.size
+HEADER_NAMES = tuple(name for name, _ in HEADER_FIELDS)
+EVENT_INDEX_OFFSET = 12  # byte offset of `event` in the header
+assert HEADER_SIZE == 64
+
+_INT_CODES = {1: "b", 2: "h", 4: "i", 8: "q"}
+
+
+def _code(f: Field) -> str:
+    """struct-module code for a field: integers by size and signedness, arrays as bytes."""
+    if f.is_data_loc:
+        return "I"
+    if "[" in f.ctype or f.size not in _INT_CODES:
+        return f"{f.size}s"
+    code = _INT_CODES[f.size]
+    return code if f.signed else code.upper()
+
+
+@dataclass(frozen=True)
+class EventLayout:
+    """How one event's records are laid out, and how to turn them into typed tuples."""
+
+    index: int
+    fmt: EventFormat
+    hot: bool  # deduplicated in the kernel: one record per distinct payload, then counts
+
+    @property
+    def name(self) -> str:
+        return self.fmt.name
+
+    @cached_property
+    def fields(self) -> tuple[Field, ...]:
+        return tuple(sorted(self.fmt.own_fields, key=lambda f: f.offset))
+
+    @cached_property
+    def body_size(self) -> int:
+        end = max(f.offset + f.size for f in self.fields) - COMMON_SIZE
+        return (end + 7) // 8 * 8
+
+    @cached_property
+    def strings(self) -> tuple[Field, ...]:
+        return tuple(f for f in self.fields if f.is_data_loc)
+
+    @cached_property
+    def size(self) -> int:
+        return HEADER_SIZE + self.body_size + STR_LEN * len(self.strings)
+
+    @cached_property
+    def gaps(self) -> tuple[tuple[int, int], ...]:
+        """(body offset, length) of the padding between fields, zeroed in dedup keys."""
+        gaps, pos = [], 0
+        for f in self.fields:
+            start = f.offset - COMMON_SIZE
+            if start > pos:
+                gaps.append((pos, start - pos))
+            pos = max(pos, start + f.size)
+        if pos < self.body_size:
+            gaps.append((pos, self.body_size - pos))
+        return tuple(gaps)
+
+    @cached_property
+    def mm_field(self) -> Field | None:
+        """The `struct mm_struct *` field that names the owning process, when the event has one."""
+        return next((f for f in self.fields if f.ctype.replace(" ", "") == "structmm_struct*"),
+                    None)
+
+    @cached_property
+    def field_names(self) -> tuple[str, ...]:
+        body = tuple(f.name for f in self.fields)
+        strs = tuple(f"{f.name}_str" for f in self.strings)
+        return HEADER_NAMES + body + strs
+
+    @cached_property
+    def struct(self) -> struct.Struct:
+        """Unpacks one whole record, header, body and strings, into one flat tuple."""
+        parts, pos = [], 0
+        for f in self.fields:
+            start = f.offset - COMMON_SIZE
+            if start > pos:
+                parts.append(f"{start - pos}x")
+            parts.append(_code(f))
+            pos = start + f.size
+        if pos < self.body_size:
+            parts.append(f"{self.body_size - pos}x")
+        parts.extend(f"{STR_LEN}s" for _ in self.strings)
+        s = struct.Struct("<" + HEADER_STRUCT.format[1:] + "".join(parts))
+        assert s.size == self.size, (self.name, s.size, self.size)
+        return s
+
+    @cached_property
+    def record_type(self) -> type:
+        """A namedtuple named after the event, with the header and the kernel's field names."""
+        return namedtuple(self.name, self.field_names)
+
+    def index_of(self, name: str) -> int:
+        return self.field_names.index(name)
+
+
+def is_hot(name: str) -> bool:
+    """Scan events fire once per PMD or file range scanned (over a million a second at full
+    speed); they are deduplicated in the kernel. Collapse events are rare and kept in order."""
+    return name.startswith("mm_khugepaged_scan")
+
+
+def build_layouts(formats: list[EventFormat]) -> list[EventLayout]:
+    return [EventLayout(i, f, is_hot(f.name)) for i, f in enumerate(formats)]
+
+
+def layouts_from_header(events: list[dict]) -> list[EventLayout]:
+    """Rebuild the layouts a recording was made with from the format files its header keeps."""
+    from .tpformat import parse_format
+
+    return [EventLayout(i, parse_format(e["format"], e.get("system", "")), bool(e["hot"]))
+            for i, e in enumerate(events)]
+
+
+def header_events(layouts: list[EventLayout]) -> list[dict]:
+    """The header's description of the traced events: enough to decode every record."""
+    return [{"name": lay.name, "system": lay.fmt.system, "hot": lay.hot, "format": lay.fmt.text}
+            for lay in layouts]

@@ -1,0 +1,171 @@
+"""The probe loader: the only module that imports bcc.
+
+It compiles the generated C (bpfgen), attaches one program per khugepaged tracepoint, and
+hands everything else raw bytes: ring-buffer records, dedup-map drains (records whose
+`count` is the number of repeats since the last drain) and the in-kernel counters. An
+attach failure is data: `attached` records, per event, None or the error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import struct
+import time
+from collections import defaultdict
+
+from .bpfgen import OwnerOffsets, ProbeConfig, generate
+from .errors import KhmonError
+from .layout import EVENT_INDEX_OFFSET, HEADER_STRUCT, EventLayout
+from .tracefs import SYSTEM
+
+# The header starts with ts (u64) and count (u32); a drain rewrites both.
+_TS_COUNT = struct.Struct("<" + HEADER_STRUCT.format[1:3])
+
+
+def _import_bcc():
+    try:
+        from bcc import BPF
+    except ImportError as e:
+        raise KhmonError("cannot import bcc (Debian's python3-bpfcc)",
+                         "run make setup, or apt-get install python3-bpfcc") from e
+    return BPF
+
+
+class LiveProbes:
+    """Compiled and attached khmon programs for the given events."""
+
+    def __init__(self, layouts: list[EventLayout], owner: OwnerOffsets, cfg: ProbeConfig) -> None:
+        if os.geteuid() != 0:
+            raise KhmonError("live capture needs root (BPF and tracefs)", "run with sudo")
+        self.layouts = layouts
+        self.source = generate(layouts, owner, cfg)
+        BPF = _import_bcc()
+        try:
+            self.bpf = BPF(text=self.source, cflags=["-Wno-macro-redefined", "-Wno-ignored-attributes"])
+        except Exception as e:  # bcc raises bare Exception on compile and load errors
+            raise KhmonError(f"BPF compile/load failed: {str(e).splitlines()[0]}",
+                             "run khmon doctor; kernel headers for bcc come from make setup") from e
+        self.attached: dict[str, str | None] = {}
+        for lay in layouts:
+            try:
+                self.bpf.attach_tracepoint(tp=f"{SYSTEM}:{lay.name}", fn_name=f"khmon_{lay.name}")
+                self.attached[lay.name] = None
+            except Exception as e:
+                self.attached[lay.name] = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if not any(v is None for v in self.attached.values()):
+            self.bpf.cleanup()
+            raise KhmonError("could not attach to any khugepaged tracepoint: "
+                             + "; ".join(f"{k}: {v}" for k, v in self.attached.items()),
+                             "run khmon doctor")
+        self._pending: list[bytes] = []
+        self.bpf["events"].open_ring_buffer(self._on_record)
+        self._drained: dict[tuple[int, bytes], int] = {}
+        self._detached = False
+
+    def _on_record(self, _ctx, data, size) -> None:
+        self._pending.append(ctypes.string_at(data, size))
+
+    def poll(self, timeout_ms: int) -> dict[int, bytes]:
+        """Records that arrived, concatenated per event index."""
+        self.bpf.ring_buffer_poll(timeout_ms)
+        return self._take()
+
+    def _take(self) -> dict[int, bytes]:
+        pending, self._pending = self._pending, []
+        by_event: dict[int, list[bytes]] = defaultdict(list)
+        for rec in pending:
+            by_event[int.from_bytes(rec[EVENT_INDEX_OFFSET:EVENT_INDEX_OFFSET + 2], "little")].append(rec)
+        return {ev: b"".join(recs) for ev, recs in by_event.items()}
+
+    def drain(self) -> dict[int, bytes]:
+        """Repeats counted in the dedup maps since the last drain, as records whose `count`
+        is the number of repeats and whose `ts` is now."""
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        out: dict[int, bytes] = {}
+        for lay in self.layouts:
+            if not lay.hot or self.attached.get(lay.name) is not None:
+                continue
+            table = self.bpf[f"dedup_{lay.name}"]
+            try:
+                items = table.items_lookup_batch()
+            except Exception:
+                items = table.items()
+            chunks = []
+            for k, v in items:
+                if v.excluded:
+                    continue
+                key = (lay.index, bytes(k))
+                delta = v.repeats - self._drained.get(key, 0)
+                if delta > 0:
+                    self._drained[key] = v.repeats
+                    rec = bytearray(bytes(v.rec))
+                    _TS_COUNT.pack_into(rec, 0, now, delta)
+                    chunks.append(bytes(rec))
+            if chunks:
+                out[lay.index] = b"".join(chunks)
+        return out
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """The exact in-kernel counters, summed over CPUs, per event name."""
+        out: dict[str, dict[str, int]] = {}
+        for table in ("seen", "lost", "dedup_full"):
+            t = self.bpf[table]
+            out[table] = {lay.name: int(t.sum(ctypes.c_int(lay.index)).value)
+                          for lay in self.layouts}
+        return out
+
+    def detach(self) -> dict[int, bytes]:
+        """Stop new events, then collect what is still in the ring buffer."""
+        if not self._detached:
+            for name, err in self.attached.items():
+                if err is None:
+                    with contextlib.suppress(Exception):
+                        self.bpf.detach_tracepoint(tp=f"{SYSTEM}:{name}")
+            self._detached = True
+        self.bpf.ring_buffer_consume()
+        return self._take()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.bpf.cleanup()
+
+
+def try_function_probe(kind: str, func: str) -> str | None:
+    """Load and attach a trivial kfunc or kprobe program on `func`: None if it worked, else
+    the error. Tried, not guessed: a kernel can list a function in BTF and still refuse
+    (no CONFIG_KPROBES, fentry EPERM under lockdown)."""
+    BPF = _import_bcc()
+    if kind == "kfunc":
+        text = f"KFUNC_PROBE({func}) {{ return 0; }}"
+    else:
+        text = "int khmon_try(void *ctx) { return 0; }"
+    b = None
+    with _quiet_stderr():
+        try:
+            b = BPF(text=text, cflags=["-Wno-macro-redefined", "-Wno-ignored-attributes"])
+            if kind == "kprobe":
+                b.attach_kprobe(event=func, fn_name="khmon_try")
+            return None
+        except Exception as e:
+            msg = str(e).strip().splitlines()
+            return msg[-1] if msg else type(e).__name__
+        finally:
+            if b is not None:
+                with contextlib.suppress(Exception):
+                    b.cleanup()
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """libbcc and libbpf print to fd 2 directly; a refused trial probe is expected here."""
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)

@@ -1,0 +1,68 @@
+"""Text rendering of a report dict (report.Aggregator.result) for people. JSON is the
+same dict; this module only formats it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _table(headers: list[str], rows: list[list[Any]], indent: str = "  ") -> list[str]:
+    cells = [headers, *[[str(c) for c in r] for r in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    out = []
+    for r in cells:
+        parts = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:],
+                                                                        strict=True)]
+        out.append(indent + "  ".join(parts).rstrip())
+    return out
+
+
+def _statuses(by_status: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in by_status.items()) or "none"
+
+
+def render_report(r: dict[str, Any]) -> str:
+    k, w = r["kernel"], r["window"]
+    lines = [
+        f"khmon report: kernel {k['release']}, window {w['seconds']:.2f} s"
+        + ("" if w["complete"] else " (incomplete recording)")
+        + (f", pid {r['filter']['pid']} only" if r["filter"]["pid"] else ""),
+        f"process attribution: {k['owner_source']}",
+        "",
+        "events (records: what crossed the ring buffer; scans are deduplicated in the kernel)",
+    ]
+    acc = r["accounting"]
+    lines += _table(["tracepoint", "events", "records", "lost"],
+                    [[n, c, acc[n]["records"], acc[n]["lost"]] for n, c in r["events"].items()])
+    c = r["collapse"]
+    lines += ["", f"anon collapses: {c['attempts']} attempts, {c['succeeded']} succeeded",
+              f"  by status: {_statuses(c['by_status'])}"]
+    if c["by_order"]:
+        lines += _table(["order", "attempts", "succeeded", "by status"],
+                        [[o, v["attempts"], v["succeeded"], _statuses(v["by_status"])]
+                         for o, v in c["by_order"].items()])
+    elif not k["has_order"]:
+        lines.append("  by order: this kernel's tracepoints have no order field "
+                     "(pre-mTHP collapse: every attempt is PMD-sized)")
+    f = c["file"]
+    if f["attempts"]:
+        lines.append(f"file/shmem collapses: {f['attempts']} attempts, {f['succeeded']} "
+                     f"succeeded ({_statuses(f['by_status'])})")
+    lines += ["", f"scan_pmd verdicts: {_statuses(r['scan_pmd']['by_status'])}"]
+    if r["processes"]:
+        lines += ["", "processes (owner of the scanned mm)"]
+        lines += _table(["pid", "comm", "scans", "attempts", "collapses"],
+                        [[p["pid"] or "-", p["comm"], p["scans"], p["collapse_attempts"],
+                          p["collapses"]] for p in r["processes"][:15]])
+        if len(r["processes"]) > 15:
+            lines.append(f"  ... {len(r['processes']) - 15} more (see --json)")
+    delta = {n: v for n, v in r["kernel_counters"]["delta"].items() if v}
+    lines += ["", "kernel counters, change over the window (zero ones omitted; all in --json)"]
+    lines += _table(["counter", "delta"], [[n, v] for n, v in delta.items()]) if delta else [
+        "  none"]
+    unacc = {n: a["unaccounted"] for n, a in acc.items() if a["unaccounted"]}
+    lines += ["", f"lost events: {r['lost_events']}"
+              + (f"; unaccounted: {unacc}" if unacc else
+                 " (every event the probes saw is in the counts or counted as lost)")]
+    lines += [f"warning: {wmsg}" for wmsg in r["warnings"]]
+    return "\n".join(lines)

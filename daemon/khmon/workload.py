@@ -1,0 +1,105 @@
+"""A workload that makes khugepaged do known work: PMD-aligned anonymous memory with a chosen
+pattern of present pages, faulted in as small pages and then handed to khugepaged with
+madvise(MADV_HUGEPAGE).
+
+It is the ground truth for live tests and the demo: the test knows how many PMDs were fully
+populated, and /proc/self/smaps (AnonHugePages) says how many the kernel collapsed. Run as
+`python -m khmon.workload`; it prints one JSON line when its memory is ready and one when done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import mmap
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+
+PAGE = mmap.PAGESIZE
+PMD_SIZE = 2 << 20
+PTES = PMD_SIZE // PAGE
+COMM = b"khmon-workload"
+PR_SET_NAME = 15
+
+PATTERNS: dict[str, Callable[[int, random.Random], bool]] = {
+    "full": lambda i, _r: True,
+    "every4th-empty": lambda i, _r: i % 4 != 3,
+    "first-half": lambda i, _r: i < PTES // 2,
+    "one-page": lambda i, _r: i == 0,
+    "random": lambda _i, r: r.random() < 0.5,
+}
+
+
+def pattern_bits(pattern: str, seed: int = 1) -> list[bool]:
+    """Which of a PMD's PTEs the workload populates, PTE 0 first."""
+    rng = random.Random(seed)
+    return [PATTERNS[pattern](i, rng) for i in range(PTES)]
+
+
+def _set_comm() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_NAME, ctypes.c_char_p(COMM), 0, 0, 0)
+
+
+def anon_huge_kb(start: int, length: int) -> int:
+    """AnonHugePages (kB) of this process's mappings inside [start, start+length)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=1)[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo < start + length and hi > start
+            elif inside and head == "AnonHugePages:":
+                total += int(line.split()[1])
+    return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pmds", type=int, default=16, help="number of 2 MiB regions")
+    ap.add_argument("--pattern", choices=sorted(PATTERNS), default="full")
+    ap.add_argument("--seed", type=int, default=1, help="seed of the random pattern")
+    ap.add_argument("--timeout", type=float, default=60.0,
+                    help="seconds to wait for khugepaged before giving up")
+    ap.add_argument("--hold", type=float, default=0.0,
+                    help="seconds to keep the memory after the wait (for scans to repeat)")
+    args = ap.parse_args(argv)
+    _set_comm()
+
+    length = args.pmds * PMD_SIZE
+    m = mmap.mmap(-1, length + PMD_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    off = (-base) % PMD_SIZE  # first 2 MiB boundary inside the mapping
+    # Small pages first: no MADV_HUGEPAGE yet, so faults cannot allocate huge pages
+    # (THP enabled=madvise), leaving the collapse to khugepaged.
+    m.madvise(mmap.MADV_NOHUGEPAGE, off, length)
+    bits = pattern_bits(args.pattern, args.seed)
+    for p in range(args.pmds):
+        for i, present in enumerate(bits):
+            if present:
+                m[off + p * PMD_SIZE + i * PAGE] = 1
+    m.madvise(mmap.MADV_HUGEPAGE, off, length)
+    start = base + off
+    print(json.dumps({"ready": True, "pid": os.getpid(), "comm": COMM.decode(),
+                      "start": hex(start), "pmds": args.pmds, "pattern": args.pattern}),
+          flush=True)
+    want_kb = args.pmds * PMD_SIZE // 1024 if args.pattern == "full" else None
+    deadline = time.monotonic() + args.timeout
+    huge = anon_huge_kb(start, length)
+    while time.monotonic() < deadline and (want_kb is None or huge < want_kb):
+        time.sleep(0.1)
+        huge = anon_huge_kb(start, length)
+    time.sleep(args.hold)
+    huge = anon_huge_kb(start, length)
+    print(json.dumps({"done": True, "collapsed_pmds": huge * 1024 // PMD_SIZE}), flush=True)
+    del m
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
