@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +19,7 @@ import typer
 from . import __version__
 from .bpfgen import ProbeConfig
 from .errors import EXIT_BAD_INPUT, EXIT_FAIL, KhmonError
-from .recording import Reader, Writer
+from .recording import Reader
 from .render import render_report
 from .report import Aggregator
 
@@ -86,36 +84,27 @@ class _StopFlag:
 
 def _capture(cfg: ProbeConfig, duration: float | None, out: Path | None,
              should_stop: Callable[[], bool], progress: bool) -> tuple[Aggregator, list[str]]:
-    """Run a live capture into an Aggregator (and a recording when `out` is given)."""
-    from .session import LiveCapture
+    """session.capture with a progress line on stderr every 5 s."""
+    from .session import capture
 
-    cap = LiveCapture(cfg)
-    header = cap.header()
-    agg = Aggregator(header)
-    writer = Writer(out, header) if out else None
-    warnings = [f"could not attach {k}: {v}" for k, v in cap.probes.attached.items() if v]
-    last = time.monotonic()
-    try:
-        for part in cap.parts(header, duration, should_stop):
-            agg.add(part)
-            if writer:
-                if part.kind == "R":
-                    writer.records(part.event, part.data)
-                elif part.kind == "S":
-                    writer.stats(part.meta)
-                elif part.kind == "E":
-                    writer.end(part.meta)
-            if progress and part.kind == "S" and time.monotonic() - last >= 5:
-                last = time.monotonic()
-                seen = sum(part.meta["probe"]["seen"].values())
-                lost = sum(part.meta["probe"]["lost"].values())
-                where = f" -> {out} ({writer.bytes_written} bytes)" if writer else ""
-                typer.echo(f"khmon: {(part.meta['mono_ns'] - header['start_mono_ns']) / 1e9:.0f}"
-                           f" s, {seen} events, {lost} lost{where}", err=True)
-    finally:
-        if writer:
-            writer.close()
-    return agg, warnings
+    last = [0.0]
+
+    def on_stats(header: dict, stats: dict, written: int) -> None:
+        if not last[0]:  # the first stats part: the probes are attached and running
+            attached = sum(v is None for v in header["attached"].values())
+            typer.echo(f"khmon: attached to {attached} tracepoints"
+                       + (f", recording to {out}" if out else ""), err=True)
+            last[0] = time.monotonic()
+        if not progress or time.monotonic() - last[0] < 5:
+            return
+        last[0] = time.monotonic()
+        seen = sum(stats["probe"]["seen"].values())
+        lost = sum(stats["probe"]["lost"].values())
+        where = f" -> {out} ({written} bytes)" if out else ""
+        secs = (stats["mono_ns"] - header["start_mono_ns"]) / 1e9
+        typer.echo(f"khmon: {secs:.0f} s, {seen} events, {lost} lost{where}", err=True)
+
+    return capture(cfg, duration, out, should_stop, on_stats)
 
 
 def _emit(report: dict, as_json: bool) -> None:
@@ -237,49 +226,36 @@ def demo(
     max_ptes_none=255, and restores every knob afterwards.
     """
     from .sysfs import override
+    from .workload import Workloads
 
     def body() -> None:
         knobs = {"enabled": "madvise", "khugepaged/scan_sleep_millisecs": "100",
                  "khugepaged/max_ptes_none": "255"}
-        with override(knobs):
-            workloads: list[subprocess.Popen[str]] = []
-
-            def start_workloads() -> None:
-                for pattern, extra in (("full", []), ("first-half", ["--timeout", "0",
-                                                                     "--hold", "6"])):
-                    workloads.append(subprocess.Popen(
-                        [sys.executable, "-m", "khmon.workload", "--pmds", str(pmds),
-                         "--pattern", pattern, *extra], stdout=subprocess.PIPE, text=True))
-
-            started = False
-            stop = _StopFlag()
-
-            def done() -> bool:
-                nonlocal started
-                if not started:
-                    start_workloads()
-                    started = True
-                return stop() or all(w.poll() is not None for w in workloads)
-
-            typer.echo(f"khmon demo: capturing while two workloads of {pmds} x 2 MiB run "
-                       "(khugepaged scan_sleep 100 ms) ...", err=True)
-            agg, warnings = _capture(ProbeConfig(), 90, None, done, progress=True)
-            outputs = [w.communicate()[0] for w in workloads]
+        work = Workloads([["--pmds", str(pmds), "--pattern", "full"],
+                          ["--pmds", str(pmds), "--pattern", "first-half", "--full-scans", "3"]])
+        stop = _StopFlag()
+        typer.echo(f"khmon demo: capturing while two workloads of {pmds} x 2 MiB run "
+                   "(khugepaged scan_sleep 100 ms) ...", err=True)
+        try:
+            with override(knobs):
+                agg, warnings = _capture(ProbeConfig(), 90, None, lambda: work() or stop(),
+                                         progress=True)
+        finally:
+            work.kill()
         r = agg.result(warnings)
         if as_json:
             _emit(r, True)
             return
         typer.echo(render_report(r))
-        typer.echo("\n" + _demo_story(r, outputs, pmds))
+        typer.echo("\n" + _demo_story(r, work.results(), pmds))
 
     _guard(body)
 
 
-def _demo_story(r: dict, outputs: list[str], pmds: int) -> str:
+def _demo_story(r: dict, runs: list[dict], pmds: int) -> str:
     """What the demo showed, in words, checked against the kernel's counters."""
-    lines = [json.loads(x) for out in outputs for x in out.splitlines() if x.strip()]
-    pids = [x["pid"] for x in lines if x.get("ready")]
-    done = [x for x in lines if x.get("done")]
+    pids = [x.get("pid") for x in runs]
+    done = [x for x in runs if x.get("done")]
     delta = r["kernel_counters"]["delta"]
     procs = {p["pid"]: p for p in r["processes"]}
     full, half = (procs.get(p, {}) for p in ([*pids, 0, 0])[:2])
@@ -296,6 +272,9 @@ def _demo_story(r: dict, outputs: list[str], pmds: int) -> str:
         f"khugepaged/pages_collapsed rose by {delta.get('khugepaged/pages_collapsed')} and "
         f"thp_collapse_alloc by {delta.get('thp_collapse_alloc')}: "
         + ("they agree." if ok else "they DISAGREE (other collapses during the window?)"),
+        f"- khmon counted {r['scan_pmd']['by_status'].get('exceed_none_pte', 0)} scans refused "
+        f"for too many empty PTEs; /proc/vmstat thp_scan_exceed_none_pte rose by "
+        f"{delta.get('thp_scan_exceed_none_pte')}.",
         f"- lost events: {r['lost_events']}.",
     ])
 

@@ -50,7 +50,8 @@ class LiveProbes:
         self.attached: dict[str, str | None] = {}
         for lay in layouts:
             try:
-                self.bpf.attach_tracepoint(tp=f"{SYSTEM}:{lay.name}", fn_name=f"khmon_{lay.name}")
+                self.bpf.attach_tracepoint(tp=f"{SYSTEM}:{lay.name}".encode(),
+                                          fn_name=f"khmon_{lay.name}".encode())
                 self.attached[lay.name] = None
             except Exception as e:
                 self.attached[lay.name] = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -60,7 +61,7 @@ class LiveProbes:
                              + "; ".join(f"{k}: {v}" for k, v in self.attached.items()),
                              "run khmon doctor")
         self._pending: list[bytes] = []
-        self.bpf["events"].open_ring_buffer(self._on_record)
+        self.bpf[b"events"].open_ring_buffer(self._on_record)
         self._drained: dict[tuple[int, bytes], int] = {}
         self._detached = False
 
@@ -87,7 +88,7 @@ class LiveProbes:
         for lay in self.layouts:
             if not lay.hot or self.attached.get(lay.name) is not None:
                 continue
-            table = self.bpf[f"dedup_{lay.name}"]
+            table = self.bpf[f"dedup_{lay.name}".encode()]
             try:
                 items = table.items_lookup_batch()
             except Exception:
@@ -111,7 +112,7 @@ class LiveProbes:
         """The exact in-kernel counters, summed over CPUs, per event name."""
         out: dict[str, dict[str, int]] = {}
         for table in ("seen", "lost", "dedup_full"):
-            t = self.bpf[table]
+            t = self.bpf[table.encode()]
             out[table] = {lay.name: int(t.sum(ctypes.c_int(lay.index)).value)
                           for lay in self.layouts}
         return out
@@ -122,7 +123,7 @@ class LiveProbes:
             for name, err in self.attached.items():
                 if err is None:
                     with contextlib.suppress(Exception):
-                        self.bpf.detach_tracepoint(tp=f"{SYSTEM}:{name}")
+                        self.bpf.detach_tracepoint(tp=f"{SYSTEM}:{name}".encode())
             self._detached = True
         self.bpf.ring_buffer_consume()
         return self._take()
@@ -146,7 +147,7 @@ def try_function_probe(kind: str, func: str) -> str | None:
         try:
             b = BPF(text=text, cflags=["-Wno-macro-redefined", "-Wno-ignored-attributes"])
             if kind == "kprobe":
-                b.attach_kprobe(event=func, fn_name="khmon_try")
+                b.attach_kprobe(event=func.encode(), fn_name=b"khmon_try")
             return None
         except Exception as e:
             msg = str(e).strip().splitlines()

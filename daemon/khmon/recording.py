@@ -71,15 +71,15 @@ class Writer:
     def frame(self, kind: bytes, payload: bytes) -> None:
         self._write(FRAME.pack(kind[0], len(payload), zlib.crc32(payload)) + payload)
 
-    def records(self, event: int, data: bytes) -> None:
-        if data:
-            self.frame(RECORDS, EVENT_INDEX.pack(event) + data)
-
-    def stats(self, stats: dict) -> None:
-        self.frame(STATS, json.dumps(stats).encode())
-
-    def end(self, stats: dict) -> None:
-        self.frame(END, json.dumps(stats).encode())
+    def add(self, part: Part) -> None:
+        """Append one part of an event stream (records, stats or end)."""
+        if part.kind == "R":
+            if part.data:
+                self.frame(RECORDS, EVENT_INDEX.pack(part.event) + part.data)
+        elif part.kind in ("S", "E"):
+            self.frame(part.kind.encode(), json.dumps(part.meta).encode())
+        else:
+            raise ValueError(f"a writer takes record, stats and end parts, not {part.kind!r}")
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

@@ -14,12 +14,14 @@ import platform
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
+from pathlib import Path
 
 from .bpfgen import OwnerOffsets, ProbeConfig
 from .btf import Btf
 from .layout import EventLayout, build_layouts, header_events
 from .probes import LiveProbes
-from .recording import Part
+from .recording import Part, Writer
+from .report import Aggregator
 from .sysfs import read_counters, read_settings
 from .tracefs import read_formats
 
@@ -100,3 +102,30 @@ class LiveCapture:
             yield Part("E", meta=self._stats())
         finally:
             self.probes.close()
+
+
+def capture(cfg: ProbeConfig, duration: float | None, out: Path | None,
+            should_stop: Callable[[], bool] = lambda: False,
+            on_stats: Callable[[dict, dict, int], None] | None = None,
+            ) -> tuple[Aggregator, list[str]]:
+    """Run a live capture into an Aggregator, and into a recording when `out` is given.
+
+    on_stats(header, stats, bytes_written) is called at every stats part (progress lines).
+    Returns the aggregator and the warnings (probes that could not attach).
+    """
+    cap = LiveCapture(cfg)
+    header = cap.header()
+    agg = Aggregator(header)
+    writer = Writer(out, header) if out else None
+    warnings = [f"could not attach {k}: {v}" for k, v in cap.probes.attached.items() if v]
+    try:
+        for part in cap.parts(header, duration, should_stop):
+            agg.add(part)
+            if writer:
+                writer.add(part)
+            if on_stats and part.kind == "S":
+                on_stats(header, part.meta, writer.bytes_written if writer else 0)
+    finally:
+        if writer:
+            writer.close()
+    return agg, warnings

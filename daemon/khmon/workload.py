@@ -15,9 +15,12 @@ import json
 import mmap
 import os
 import random
+import subprocess
 import sys
 import time
 from collections.abc import Callable
+
+from .sysfs import KHUGEPAGED
 
 PAGE = mmap.PAGESIZE
 PMD_SIZE = 2 << 20
@@ -59,6 +62,11 @@ def anon_huge_kb(start: int, length: int) -> int:
     return total
 
 
+def full_scans() -> int:
+    """khugepaged/full_scans: completed passes of khugepaged over every registered mm."""
+    return int((KHUGEPAGED / "full_scans").read_text())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pmds", type=int, default=16, help="number of 2 MiB regions")
@@ -66,10 +74,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1, help="seed of the random pattern")
     ap.add_argument("--timeout", type=float, default=60.0,
                     help="seconds to wait for khugepaged before giving up")
+    ap.add_argument("--full-scans", type=int, default=2,
+                    help="wait until khugepaged has finished this many full passes over all "
+                    "mm's after madvise (2 guarantees every PMD was scanned at least once)")
     ap.add_argument("--hold", type=float, default=0.0,
                     help="seconds to keep the memory after the wait (for scans to repeat)")
+    ap.add_argument("--delay", type=float, default=0.0,
+                    help="seconds to wait before touching memory (lets a tracer attach first)")
     args = ap.parse_args(argv)
     _set_comm()
+    time.sleep(args.delay)
 
     length = args.pmds * PMD_SIZE
     m = mmap.mmap(-1, length + PMD_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -88,17 +102,54 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"ready": True, "pid": os.getpid(), "comm": COMM.decode(),
                       "start": hex(start), "pmds": args.pmds, "pattern": args.pattern}),
           flush=True)
-    want_kb = args.pmds * PMD_SIZE // 1024 if args.pattern == "full" else None
+    want_kb = args.pmds * PMD_SIZE // 1024 if args.pattern == "full" else 0
+    scans_from = full_scans()
     deadline = time.monotonic() + args.timeout
-    huge = anon_huge_kb(start, length)
-    while time.monotonic() < deadline and (want_kb is None or huge < want_kb):
+    while time.monotonic() < deadline and (
+            anon_huge_kb(start, length) < want_kb or full_scans() - scans_from < args.full_scans):
         time.sleep(0.1)
-        huge = anon_huge_kb(start, length)
     time.sleep(args.hold)
     huge = anon_huge_kb(start, length)
     print(json.dumps({"done": True, "collapsed_pmds": huge * 1024 // PMD_SIZE}), flush=True)
     del m
     return 0
+
+
+class Workloads:
+    """Workload processes started once a capture is attached, for the demo and live tests.
+
+    Use as the capture's should_stop: the first call starts them (so nothing they cause
+    happens before the probes are attached); the capture stops when all have exited.
+    """
+
+    def __init__(self, runs: list[list[str]]) -> None:
+        self.runs = runs
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def __call__(self) -> bool:
+        if not self.procs:
+            self.procs = [subprocess.Popen([sys.executable, "-m", "khmon.workload", *args],
+                                           stdout=subprocess.PIPE, text=True)
+                          for args in self.runs]
+        return all(p.poll() is not None for p in self.procs)
+
+    def results(self) -> list[dict]:
+        """Each workload's JSON lines merged: pid, comm, start, pmds, collapsed_pmds ..."""
+        out = []
+        for p in self.procs:
+            text = p.communicate()[0] if p.poll() is not None or p.stdout else ""
+            merged: dict = {}
+            for line in text.splitlines():
+                if line.strip():
+                    merged.update(json.loads(line))
+            out.append(merged)
+        return out
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 if __name__ == "__main__":

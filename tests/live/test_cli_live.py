@@ -1,0 +1,92 @@
+"""The khmon command line on the live kernel: doctor, record -p, report FILE, and a recorder
+killed with SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.live
+KHMON = [sys.executable, "-m", "khmon"]
+
+
+def _wait_attached(proc: subprocess.Popen[str], timeout: float = 60) -> None:
+    """Read the recorder's stderr until it says it is attached."""
+    deadline = time.monotonic() + timeout
+    assert proc.stderr is not None
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if "attached to" in line:
+            return
+        if not line and proc.poll() is not None:
+            raise AssertionError(f"recorder exited with {proc.returncode}")
+    raise AssertionError("recorder did not attach")
+
+
+def _report(path: Path) -> tuple[dict, str]:
+    out = subprocess.run([*KHMON, "report", str(path), "--json"], capture_output=True,
+                         text=True, check=True)
+    return json.loads(out.stdout), out.stderr
+
+
+def test_doctor_exits_zero_and_lists_tracepoints() -> None:
+    out = subprocess.run([*KHMON, "doctor", "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    checks = json.loads(out.stdout)
+    tps = {c["item"] for c in checks if c["area"] == "tracepoint" and c["state"] == "ok"}
+    assert "mm_khugepaged_scan_pmd" in tps
+    assert "mm_collapse_huge_page" in tps
+    capture = next(c for c in checks if c["area"] == "capture")
+    assert capture["state"] == "ok"
+
+
+def test_record_with_pid_filter_then_report(tmp_path: Path, fast_khugepaged: dict) -> None:
+    rec = tmp_path / "run.khrec"
+    work = subprocess.Popen([sys.executable, "-m", "khmon.workload", "--pmds", "8",
+                             "--pattern", "full", "--delay", "5"], stdout=subprocess.PIPE,
+                            text=True)
+    recorder = subprocess.Popen([*KHMON, "record", "-o", str(rec), "-p", str(work.pid)],
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_attached(recorder)
+        out, _ = work.communicate(timeout=120)
+        recorder.send_signal(signal.SIGINT)
+        assert recorder.wait(timeout=60) == 0
+    finally:
+        for p in (work, recorder):
+            if p.poll() is None:
+                p.kill()
+    done = json.loads(out.splitlines()[-1])
+    report, stderr = _report(rec)
+    assert "warning" not in stderr
+    assert report["window"]["complete"] is True
+    assert report["filter"]["pid"] == work.pid
+    # Only the workload's mm (and isolate events, which carry no mm) pass the filter.
+    assert {p["pid"] for p in report["processes"]} <= {work.pid, None}
+    mine = next(p for p in report["processes"] if p["pid"] == work.pid)
+    assert mine["comm"] == "khmon-workload"
+    assert mine["collapses"] == done["collapsed_pmds"] == 8
+
+
+def test_recorder_killed_still_reads(tmp_path: Path, fast_khugepaged: dict) -> None:
+    rec = tmp_path / "killed.khrec"
+    recorder = subprocess.Popen([*KHMON, "record", "-o", str(rec)], stderr=subprocess.PIPE,
+                                text=True)
+    try:
+        _wait_attached(recorder)
+        subprocess.run([sys.executable, "-m", "khmon.workload", "--pmds", "4"], check=True,
+                       capture_output=True, timeout=120)
+        time.sleep(1.5)  # a stats part after the workload's collapses
+    finally:
+        recorder.send_signal(signal.SIGKILL)
+        recorder.wait()
+    report, stderr = _report(rec)
+    assert "warning:" in stderr and ("no end part" in stderr or "cut short" in stderr)
+    assert report["window"]["complete"] is False
+    assert report["collapse"]["succeeded"] >= 4
