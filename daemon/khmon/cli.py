@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +38,7 @@ T = TypeVar("T")
 
 PidOpt = Annotated[int, typer.Option("--pid", "-p", min=0,
                                      help="Only events whose mm belongs to this process "
-                                     "(or collapsed by one of its threads).")]
+                                     "(or collapsed by one of its threads); 0: all.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of text.")]
 EbpfOpt = Annotated[bool, typer.Option("--ebpf", hidden=True,
                                        help="Print the generated BPF C and exit.")]
@@ -184,8 +185,9 @@ def report(
     ebpf: EbpfOpt = False,
 ) -> None:
     """Summarise khugepaged activity: counts per event, status, order and process, next to
-    the kernel's own counters (/proc/vmstat thp_*, khugepaged/*, hugepages-*/stats/*) over
-    the same window, and every lost event.
+    the kernel's own counters over the same window (/proc/vmstat thp counters,
+    khugepaged/pages_collapsed and full_scans, the per-size hugepages stats), and every
+    lost event.
 
     Give a recording, or --live --duration S to capture now.
     """
@@ -304,4 +306,20 @@ def _main(
 
 
 def main() -> None:
-    app()
+    """Entry point. Usage errors become one line too: click's own format is a boxed
+    paragraph, which scripts and logs handle badly."""
+    if len(sys.argv) == 1:
+        sys.argv.append("--help")
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as e:
+        # Click's exceptions (typer vendors click, so match by shape, not by class).
+        if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):
+            raise
+        ctx = getattr(e, "ctx", None)
+        cmd = ctx.command_path if ctx is not None else "khmon"
+        typer.echo(f"khmon: error: {e.format_message()} (see {cmd} --help)", err=True)
+        sys.exit(e.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

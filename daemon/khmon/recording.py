@@ -87,7 +87,7 @@ class Writer:
 
 
 def _bad(path: Path, what: str) -> KhmonError:
-    return KhmonError(f"{path}: {what}", "is this a khmon recording? (khmon record -o FILE)",
+    return KhmonError(f"{path}: {what}", "khmon reads files written by: khmon record -o FILE",
                       EXIT_BAD_INPUT)
 
 
