@@ -47,11 +47,21 @@ class LiveProbes:
         except Exception as e:  # bcc raises bare Exception on compile and load errors
             raise KhmonError(f"BPF compile/load failed: {str(e).splitlines()[0]}",
                              "run khmon doctor; kernel headers for bcc come from make setup") from e
+        self._pending: list[bytes] = []
+        self.bpf[b"events"].open_ring_buffer(self._on_record)
+        self._drained: dict[tuple[int, bytes], int] = {}
+        self._base: dict[str, dict[str, int]] = {}
         self.attached: dict[str, str | None] = {}
-        for lay in layouts:
+        self.attach()
+
+    def attach(self) -> None:
+        """Attach every program; the in-kernel counters count from here. Called again after
+        detach() to open another window without recompiling (slow in TCG guests)."""
+        self.attached = {}
+        for lay in self.layouts:
             try:
                 self.bpf.attach_tracepoint(tp=f"{SYSTEM}:{lay.name}".encode(),
-                                          fn_name=f"khmon_{lay.name}".encode())
+                                           fn_name=f"khmon_{lay.name}".encode())
                 self.attached[lay.name] = None
             except Exception as e:
                 self.attached[lay.name] = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -60,10 +70,8 @@ class LiveProbes:
             raise KhmonError("could not attach to any khugepaged tracepoint: "
                              + "; ".join(f"{k}: {v}" for k, v in self.attached.items()),
                              "run khmon doctor")
-        self._pending: list[bytes] = []
-        self.bpf[b"events"].open_ring_buffer(self._on_record)
-        self._drained: dict[tuple[int, bytes], int] = {}
-        self._detached = False
+        self.detached = False
+        self._base = self._raw_counters()
 
     def _on_record(self, _ctx, data, size) -> None:
         self._pending.append(ctypes.string_at(data, size))
@@ -108,8 +116,7 @@ class LiveProbes:
                 out[lay.index] = b"".join(chunks)
         return out
 
-    def counters(self) -> dict[str, dict[str, int]]:
-        """The exact in-kernel counters, summed over CPUs, per event name."""
+    def _raw_counters(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
         for table in ("seen", "lost", "dedup_full"):
             t = self.bpf[table.encode()]
@@ -117,14 +124,20 @@ class LiveProbes:
                           for lay in self.layouts}
         return out
 
+    def counters(self) -> dict[str, dict[str, int]]:
+        """The exact in-kernel counters since attach(), summed over CPUs, per event name."""
+        raw = self._raw_counters()
+        return {table: {name: n - self._base[table][name] for name, n in vals.items()}
+                for table, vals in raw.items()}
+
     def detach(self) -> dict[int, bytes]:
         """Stop new events, then collect what is still in the ring buffer."""
-        if not self._detached:
+        if not self.detached:
             for name, err in self.attached.items():
                 if err is None:
                     with contextlib.suppress(Exception):
                         self.bpf.detach_tracepoint(tp=f"{SYSTEM}:{name}".encode())
-            self._detached = True
+            self.detached = True
         self.bpf.ring_buffer_consume()
         return self._take()
 

@@ -80,9 +80,11 @@ class LiveCapture:
                 "counters": read_counters()}
 
     def parts(self, header: dict, duration: float | None,
-              should_stop: Callable[[], bool] = lambda: False) -> Iterator[Part]:
+              should_stop: Callable[[], bool] = lambda: False,
+              keep: bool = False) -> Iterator[Part]:
         """Record batches and stats until `duration` seconds pass or should_stop() is true;
-        then detach, drain, and yield the end part. The header is the caller's (see header())."""
+        then detach, drain, and yield the end part. The header is the caller's (see header()).
+        With `keep`, the compiled programs stay loaded for another window (reopen())."""
         start = header["start_mono_ns"]
         next_stats = time.monotonic() + STATS_INTERVAL_S
         try:
@@ -101,25 +103,39 @@ class LiveCapture:
                     yield Part("R", event=ev, data=data)
             yield Part("E", meta=self._stats())
         finally:
-            self.probes.close()
+            if keep:
+                self.probes.detach()
+            else:
+                self.probes.close()
+
+    def reopen(self) -> None:
+        """Attach again after a kept window; counts start from zero."""
+        self.probes.attach()
 
 
 def capture(cfg: ProbeConfig, duration: float | None, out: Path | None,
             should_stop: Callable[[], bool] = lambda: False,
             on_stats: Callable[[dict, dict, int], None] | None = None,
+            reuse: LiveCapture | None = None,
             ) -> tuple[Aggregator, list[str]]:
     """Run a live capture into an Aggregator, and into a recording when `out` is given.
 
     on_stats(header, stats, bytes_written) is called at every stats part (progress lines).
+    `reuse`: an already compiled LiveCapture (cfg is then ignored) that stays loaded after.
     Returns the aggregator and the warnings (probes that could not attach).
     """
-    cap = LiveCapture(cfg)
+    if reuse is not None:
+        if reuse.probes.detached:
+            reuse.reopen()
+        cap = reuse
+    else:
+        cap = LiveCapture(cfg)
     header = cap.header()
     agg = Aggregator(header)
     writer = Writer(out, header) if out else None
     warnings = [f"could not attach {k}: {v}" for k, v in cap.probes.attached.items() if v]
     try:
-        for part in cap.parts(header, duration, should_stop):
+        for part in cap.parts(header, duration, should_stop, keep=reuse is not None):
             agg.add(part)
             if writer:
                 writer.add(part)

@@ -15,7 +15,7 @@ import pytest
 
 from khmon import sysfs
 from khmon.bpfgen import ProbeConfig
-from khmon.session import capture
+from khmon.session import LiveCapture, capture
 from khmon.workload import Workloads
 
 IN_CI = os.environ.get("CI") == "true"
@@ -40,21 +40,30 @@ def fast_khugepaged() -> Iterator[dict[str, str]]:
         yield saved
 
 
+@pytest.fixture(scope="session")
+def live_capture() -> Iterator[LiveCapture]:
+    """One compiled and loaded set of probes for the whole run: compiling takes about 30 s
+    in a TCG guest, so each test opens a window on these instead of compiling its own."""
+    cap = LiveCapture(ProbeConfig())
+    cap.probes.detach()
+    yield cap
+    cap.probes.close()
+
+
 @pytest.fixture
-def run_workloads() -> Callable[..., tuple[dict, list[dict]]]:
-    """The function below, as a fixture so test modules need not import conftest."""
-    return _run_workloads
+def run_workloads(live_capture: LiveCapture) -> Callable[..., tuple[dict, list[dict]]]:
+    """run(runs, knobs=None, timeout=90): capture while the given workloads run; return the
+    report and the workloads' own accounts (pid, comm, collapsed_pmds from smaps)."""
 
+    def run(runs: list[list[str]], knobs: dict[str, str] | None = None,
+            timeout: float = 90.0) -> tuple[dict, list[dict]]:
+        work = Workloads(runs)
+        try:
+            with sysfs.override({**FAST, **(knobs or {})}):
+                agg, warnings = capture(live_capture.cfg, timeout, None, work,
+                                        reuse=live_capture)
+        finally:
+            work.kill()
+        return agg.result(warnings), work.results()
 
-def _run_workloads(runs: list[list[str]], cfg: ProbeConfig | None = None,
-                   knobs: dict[str, str] | None = None, timeout: float = 90.0
-                   ) -> tuple[dict, list[dict]]:
-    """Capture while the given workloads run; return the report and the workloads' own
-    accounts (pid, comm, collapsed_pmds from smaps)."""
-    work = Workloads(runs)
-    try:
-        with sysfs.override({**FAST, **(knobs or {})}):
-            agg, warnings = capture(cfg or ProbeConfig(), timeout, None, work)
-    finally:
-        work.kill()
-    return agg.result(warnings), work.results()
+    return run
