@@ -71,7 +71,7 @@ static __always_inline void khmon_fill_hdr(struct khmon_hdr *h, u16 ev, u64 mm)
  * (MADV_COLLAPSE). Events without an mm (isolate) are kept and attributed in user space. */
 static __always_inline int khmon_excluded(struct khmon_hdr *h, u64 mm)
 {
-    if (FILTER_TGID == 0 || mm == 0)
+    if (FILTER_TGID == 0 || mm == 0 || !HAVE_OWNER)
         return 0;
     return h->owner_tgid != FILTER_TGID && h->tgid != FILTER_TGID;
 }

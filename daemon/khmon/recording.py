@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .errors import EXIT_BAD_INPUT, KhmonError
+from .layout import EventLayout, layouts_from_header
 
 MAGIC = b"\x89KHMON\r\n\x1a\n"  # like PNG's: binary, and detects newline mangling
 VERSION = 1
@@ -86,6 +87,13 @@ class Writer:
             self._f.close()
 
 
+def _check_header(h: dict) -> list[EventLayout]:
+    """The layouts a header describes; raises on anything a report would trip over later."""
+    if not isinstance(h["kernel"]["release"], str) or not isinstance(h["start_mono_ns"], int):
+        raise TypeError("kernel.release or start_mono_ns has the wrong type")
+    return layouts_from_header(h["events"])
+
+
 def _bad(path: Path, what: str) -> KhmonError:
     return KhmonError(f"{path}: {what}", "khmon reads files written by: khmon record -o FILE",
                       EXIT_BAD_INPUT)
@@ -103,6 +111,7 @@ class Reader:
                              EXIT_BAD_INPUT) from e
         self.warnings: list[str] = []
         self.complete = False
+        self.layouts: list[EventLayout] = []
         head = len(MAGIC) + 2
         if not self._data:
             raise _bad(path, "empty file, not a khmon recording")
@@ -118,6 +127,10 @@ class Reader:
         if first is None or first.kind != "H":
             raise _bad(path, "truncated recording: header incomplete")
         self.header = first.meta
+        try:
+            self.layouts = _check_header(self.header)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            raise _bad(path, f"header is not a khmon header ({type(e).__name__}: {e})") from e
 
     def _next(self) -> Part | None:
         data, pos = self._data, self._pos
@@ -142,7 +155,11 @@ class Reader:
             if length < EVENT_INDEX.size:
                 raise _bad(self.path, f"corrupt recording at byte {pos} (empty record part)")
             (event,) = EVENT_INDEX.unpack_from(payload)
-            return Part(k, event=event, data=payload[EVENT_INDEX.size:])
+            records = payload[EVENT_INDEX.size:]
+            if event >= len(self.layouts) or len(records) % self.layouts[event].size:
+                raise _bad(self.path, f"corrupt recording at byte {pos} (records of event "
+                           f"{event} do not fit its layout)")
+            return Part(k, event=event, data=records)
         try:
             meta = json.loads(payload)
         except ValueError as e:

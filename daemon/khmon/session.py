@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .bpfgen import OwnerOffsets, ProbeConfig
 from .btf import Btf
+from .errors import EXIT_BAD_INPUT, KhmonError
 from .layout import EventLayout, build_layouts, header_events
 from .probes import LiveProbes
 from .recording import Part, Writer
@@ -53,6 +54,10 @@ class LiveCapture:
         self.cfg = cfg
         self.layouts: list[EventLayout] = build_layouts(read_formats())
         self.owner = owner_offsets(Btf.from_kernel())
+        if cfg.filter_tgid and not self.owner.usable:
+            raise KhmonError("-p PID needs mm->owner to tell whose memory a scan is, and this "
+                             "kernel's BTF has no mm_struct.owner (CONFIG_MEMCG off)",
+                             "run without -p", EXIT_BAD_INPUT)
         self.probes = LiveProbes(self.layouts, self.owner, cfg)
 
     def header(self) -> dict:

@@ -6,6 +6,7 @@
 #                                           last stdout line: release=<r> vmlinuz=<path>
 #   tests/vm/kernels.sh release <6.1|7.2>   print the release of the fetched kernel
 #   tests/vm/kernels.sh vmlinuz <6.1|7.2>   print the vmlinuz path of the fetched kernel
+#                                           (always /usr/lib/modules/<release>/vmlinuz)
 #
 # Series:
 #   6.1  bookworm's current kernel: whatever linux-image-amd64 depends on, read
@@ -218,9 +219,19 @@ wire_modules() {
     fi
     ln -sfn "$HDIR" "$dst/build"
     ln -sfn "$CDIR" "$dst/source"
+    # vng must boot /usr/lib/modules/<rel>/vmlinuz: only for a kernel image
+    # under the host's own /lib/modules does virtme-ng use the root fs's
+    # /lib/modules in the guest; for an image elsewhere (our cache) it links
+    # the guest's /lib/modules/<rel> to that tree, which the guest cannot see
+    # (virtme-ng mounts a tmpfs over /var/cache).
+    local img
+    img=$(find_cached_vmlinuz "$rel")
+    if ! cmp -s "$img" "$dst/vmlinuz"; then
+        ln -f "$img" "$dst/vmlinuz" 2>/dev/null || cp -f "$img" "$dst/vmlinuz"
+    fi
 }
 
-find_vmlinuz() {
+find_cached_vmlinuz() {
     local rel="$1" root="$KDIR/$1/root" f
     for f in "$root/boot/vmlinuz-$rel" "$root/usr/lib/modules/$rel/vmlinuz" "$root/lib/modules/$rel/vmlinuz"; do
         if [[ -f "$f" ]]; then
@@ -246,7 +257,7 @@ cmd_fetch() {
     download_unpack "$rel"
     check_headers "$rel"
     wire_modules "$rel"
-    vmlinuz=$(find_vmlinuz "$rel")
+    vmlinuz="/usr/lib/modules/$rel/vmlinuz"
     echo "$rel" >"$KDIR/$series.release"
     echo "release=$rel vmlinuz=$vmlinuz"
 }
@@ -264,6 +275,10 @@ case "$2" in 6.1 | 7.2) ;; *) usage ;; esac
 case "$1" in
 fetch) cmd_fetch "$2" ;;
 release) fetched_release "$2" ;;
-vmlinuz) find_vmlinuz "$(fetched_release "$2")" ;;
+vmlinuz)
+    rel=$(fetched_release "$2")
+    [[ -f "/usr/lib/modules/$rel/vmlinuz" ]] || die "/usr/lib/modules/$rel/vmlinuz missing (run: $0 fetch $2)"
+    echo "/usr/lib/modules/$rel/vmlinuz"
+    ;;
 *) usage ;;
 esac

@@ -85,7 +85,13 @@ log "kernel $SERIES = $RELEASE (resolved in $((($(date +%s%N) - FETCH_NS) / 1000
 # it is at the same path), then the user's command. An explicit "exit N" in
 # the command ends this shell with N, which vng hands back to us.
 printf -v repo_q '%q' "$REPO"
-GUEST_CMD="grep -qs ' /sys/kernel/tracing tracefs ' /proc/mounts || mount -t tracefs nodev /sys/kernel/tracing || { echo '$PROG (guest): cannot mount tracefs' >&2; exit 125; }
+printf -v cache_q '%q' "$(cd "$CACHE" && pwd -P)"
+# virtme-ng's init mounts a tmpfs over /var/cache (and a few other dirs), which
+# hides the cached headers that /lib/modules/<rel>/build and source point at.
+# A non-recursive bind of / sees the 9p root without those mounts; bind the
+# cache dir from there back over its own path.
+GUEST_CMD="if [ ! -d $cache_q/kernels ]; then mkdir -p /run/khmon-hostroot $cache_q && mount --bind / /run/khmon-hostroot && mount --bind /run/khmon-hostroot$cache_q $cache_q || { echo '$PROG (guest): cannot expose $cache_q' >&2; exit 125; }; fi
+grep -qs ' /sys/kernel/tracing tracefs ' /proc/mounts || mount -t tracefs nodev /sys/kernel/tracing || { echo '$PROG (guest): cannot mount tracefs' >&2; exit 125; }
 cd $repo_q || { echo '$PROG (guest): cannot cd to $repo_q' >&2; exit 125; }
 $CMD"
 
@@ -93,6 +99,7 @@ vng_args=(
     -r "$VMLINUZ"
     --disable-kvm # KVM on this host hangs right after "Probing EDD"
     --force-9p    # share the root fs over 9p (no virtiofsd needed)
+    --rwdir "$REPO" # the root fs is read-only in the guest; tests write into the checkout
     --cpus "$CPUS"
     --memory "$MEMORY"
     --user root

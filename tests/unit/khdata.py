@@ -1,0 +1,110 @@
+"""Shared fixtures for the unit tests: the kernels' real format files, and a record packer.
+
+The packer writes records byte by byte from the format file's own offsets and sizes, and the
+64-byte header from a hand-written struct string, so it shares no code with khmon.layout:
+a test that packs with this and unpacks with khmon checks khmon against the kernel's layout.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+from khmon.layout import EventLayout, build_layouts, header_events
+from khmon.tpformat import EventFormat, parse_format
+
+DATA = Path(__file__).parent / "data"
+FORMATS = DATA / "formats"
+KERNELS = ("6.1", "6.18", "7.2")
+
+# struct khmon_hdr from bpf/khmon.bpf.c, written out by hand:
+# u64 ts; u32 count; u16 event; u16 cpu; u32 tid, tgid, owner_tgid, flags; char comm[16], owner_comm[16]
+HDR = struct.Struct("<QIHHIIII16s16s")
+assert HDR.size == 64
+
+
+def format_path(kernel: str, event: str) -> Path:
+    return FORMATS / kernel / f"{event}.format"
+
+
+def format_text(kernel: str, event: str) -> str:
+    return format_path(kernel, event).read_text()
+
+
+def event_names(kernel: str) -> list[str]:
+    """The events captured from that kernel, in name order (as tracefs.read_formats sorts)."""
+    return sorted(p.name.removesuffix(".format") for p in (FORMATS / kernel).glob("*.format"))
+
+
+def formats(kernel: str) -> list[EventFormat]:
+    return [parse_format(format_text(kernel, n), "huge_memory") for n in event_names(kernel)]
+
+
+def layouts(kernel: str) -> list[EventLayout]:
+    return build_layouts(formats(kernel))
+
+
+def by_name(lays: list[EventLayout]) -> dict[str, EventLayout]:
+    return {lay.name: lay for lay in lays}
+
+
+def _record_size(fmt: EventFormat) -> tuple[int, int]:
+    """(body size, record size), computed here from the format: own fields end, rounded to 8."""
+    own = [f for f in fmt.fields if not f.name.startswith("common_")]
+    end = max(f.offset + f.size for f in own) - 8
+    body = -(-end // 8) * 8
+    nstr = sum(1 for f in own if f.ctype.startswith("__data_loc"))
+    return body, 64 + body + 64 * nstr
+
+
+def pack(fmt: EventFormat, event: int, *, count: int = 1, ts: int = 0, cpu: int = 0,
+         tid: int = 0, tgid: int = 0, owner_tgid: int = 0, flags: int = 0,
+         comm: bytes = b"", owner_comm: bytes = b"", strings: tuple[bytes, ...] = (),
+         **values: int) -> bytes:
+    """One record: header, then each named field at (format offset - 8), then the strings."""
+    body, size = _record_size(fmt)
+    rec = bytearray(size)
+    HDR.pack_into(rec, 0, ts, count, event, cpu, tid, tgid, owner_tgid, flags, comm, owner_comm)
+    for name, value in values.items():
+        f = fmt.field(name)
+        assert f is not None, name
+        off = 64 + f.offset - 8
+        rec[off:off + f.size] = value.to_bytes(f.size, "little", signed=f.signed)
+    for i, s in enumerate(strings):
+        off = 64 + body + 64 * i
+        rec[off:off + len(s)] = s
+    return bytes(rec)
+
+
+START_NS = 1_000_000_000_000
+START_COUNTERS = {"thp_collapse_alloc": 10, "khugepaged/pages_collapsed": 3,
+                  "khugepaged/full_scans": 7, "hugepages-64kB/stats/collapse_alloc": 0}
+END_COUNTERS = {"thp_collapse_alloc": 11, "khugepaged/pages_collapsed": 4,
+                "khugepaged/full_scans": 9, "hugepages-64kB/stats/collapse_alloc": 0,
+                "appeared_later": 5}
+
+
+def capture_header(kernel: str, release: str) -> dict:
+    """What session.LiveCapture.header() writes, with fixed values."""
+    lays = layouts(kernel)
+    return {
+        "kernel": {"release": release, "version": "#1 SMP", "machine": "x86_64"},
+        "host": "testhost",
+        "start_wall": "2026-11-26T10:00:00.000+00:00",
+        "start_mono_ns": START_NS,
+        "events": header_events(lays),
+        "attached": {lay.name: None for lay in lays},
+        "btf_offsets": {"mm_struct.owner": 1296, "task_struct.tgid": 1268,
+                        "task_struct.comm": 1752},
+        "owner_source": "mm->owner (BTF offsets)",
+        "options": {"ringbuf_pages": 1024, "dedup_entries": 16384, "filter_tgid": 0, "pid": 0},
+        "settings": {"enabled": "always [madvise] never"},
+        "counters": dict(START_COUNTERS),
+        "recorder_pid": 4242,
+    }
+
+
+def stats_meta(seen: dict, lost: dict, dedup_full: dict | None = None, secs: float = 2.5) -> dict:
+    return {"mono_ns": START_NS + int(secs * 1e9), "wall": "2026-11-26T10:00:02.500+00:00",
+            "probe": {"seen": seen, "lost": lost, "dedup_full": dedup_full or {}},
+            "counters": dict(END_COUNTERS)}

@@ -1,0 +1,199 @@
+"""The khmon command line, run as a process: exit codes, one-line errors, JSON reports.
+
+Only paths that need no root, BPF or bcc: `report FILE`, and option checks that fail before
+any capture starts.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+from khdata import by_name, capture_header, layouts, pack, stats_meta
+
+from khmon.recording import Part, Writer
+
+_SCRIPT = Path(sys.executable).parent / "khmon"
+KHMON = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-c",
+                                                  "from khmon.cli import main; main()"]
+MAGIC = b"\x89KHMON\r\n\x1a\n"
+
+
+def khmon(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*KHMON, *map(str, args)], capture_output=True, text=True,
+                          timeout=60, stdin=subprocess.DEVNULL)
+
+
+def _one_error_line(p: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in p.stderr
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith("khmon: error: ")
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("rec") / "run.khrec"
+    lays = by_name(layouts("6.18"))
+    scan, col = lays["mm_khugepaged_scan_pmd"], lays["mm_collapse_huge_page"]
+    w = Writer(path, capture_header("6.18", "6.18.44"))
+    w.add(Part("R", event=scan.index, data=b"".join([
+        pack(scan.fmt, scan.index, count=40, owner_tgid=100, owner_comm=b"workload", status=1),
+        pack(scan.fmt, scan.index, count=2, owner_tgid=100, owner_comm=b"workload", status=5),
+    ])))
+    w.add(Part("S", meta=stats_meta({}, {}, secs=1)))
+    w.add(Part("R", event=col.index, data=b"".join([
+        pack(col.fmt, col.index, owner_tgid=100, owner_comm=b"workload", status=1),
+        pack(col.fmt, col.index, owner_tgid=100, owner_comm=b"workload", status=1),
+        pack(col.fmt, col.index, owner_tgid=100, owner_comm=b"workload", status=24),
+    ])))
+    w.add(Part("E", meta=stats_meta({"mm_khugepaged_scan_pmd": 45, "mm_collapse_huge_page": 3},
+                                    {"mm_khugepaged_scan_pmd": 3}, secs=4)))
+    w.close()
+    return path
+
+
+def test_report_json(recording: Path) -> None:
+    p = khmon("report", recording, "--json")
+    assert p.returncode == 0, p.stderr
+    assert p.stderr == ""
+    r = json.loads(p.stdout)
+    assert r["kernel"]["release"] == "6.18.44"
+    assert r["window"]["seconds"] == 4.0
+    assert r["window"]["complete"] is True
+    assert r["events"]["mm_khugepaged_scan_pmd"] == 42
+    assert r["events"]["mm_collapse_huge_page"] == 3
+    assert r["collapse"]["attempts"] == 3
+    assert r["collapse"]["succeeded"] == 2
+    assert r["collapse"]["by_order"] == {}
+    assert r["collapse"]["by_status"] == {"succeeded": 2, "alloc_huge_page_failed": 1}
+    assert r["scan_pmd"]["by_status"] == {"succeeded": 40, "exceed_none_pte": 2}
+    assert r["processes"] == [{"pid": 100, "comm": "workload", "scans": 42,
+                               "collapse_attempts": 3, "collapses": 2}]
+    assert r["kernel_counters"]["delta"]["khugepaged/pages_collapsed"] == 1
+    assert r["kernel_counters"]["delta"]["thp_collapse_alloc"] == 1
+    assert r["lost_events"] == 3
+    assert r["accounting"]["mm_khugepaged_scan_pmd"]["unaccounted"] == 0
+
+
+def test_report_text(recording: Path) -> None:
+    p = khmon("report", recording)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("khmon report: kernel 6.18.44, window 4.00 s\n")
+    assert "anon collapses: 3 attempts, 2 succeeded" in p.stdout
+    assert "lost events: 3" in p.stdout
+
+
+def test_truncated_recording_warns_and_exits_0(recording: Path, tmp_path: Path) -> None:
+    data = recording.read_bytes()
+    cut = tmp_path / "cut.khrec"
+    cut.write_bytes(data[:-7])  # inside the E part
+    p = khmon("report", cut, "--json")
+    assert p.returncode == 0, p.stderr
+    assert "Traceback" not in p.stderr
+    warn = [ln for ln in p.stderr.splitlines() if ln.startswith("khmon: warning: ")]
+    assert len(warn) == 1 and "cut short" in warn[0]
+    r = json.loads(p.stdout)
+    assert r["window"]["complete"] is False
+    assert r["window"]["seconds"] == 1.0  # from the S part, the last complete stats
+    assert r["events"]["mm_collapse_huge_page"] == 3
+    assert any("cut short" in w for w in r["warnings"])
+
+
+@pytest.mark.parametrize("content", [
+    b"",
+    b"just some text\n",
+    b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR",
+    MAGIC + b"\x07\x00",
+])
+def test_foreign_file_exits_2(tmp_path: Path, content: bytes) -> None:
+    f = tmp_path / "foreign.bin"
+    f.write_bytes(content)
+    p = khmon("report", f)
+    assert p.returncode == 2
+    line = _one_error_line(p)
+    assert str(f) in line
+    assert p.stdout == ""
+
+
+def test_corrupt_recording_exits_2(recording: Path, tmp_path: Path) -> None:
+    data = bytearray(recording.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside an R part's records
+    bad = tmp_path / "bad.khrec"
+    bad.write_bytes(bytes(data))
+    p = khmon("report", bad)
+    assert p.returncode == 2
+    assert "checksum" in _one_error_line(p)
+
+
+def test_missing_file_exits_2(tmp_path: Path) -> None:
+    p = khmon("report", tmp_path / "nope.khrec")
+    assert p.returncode == 2
+    assert "Traceback" not in p.stderr
+
+
+def test_report_needs_file_or_live() -> None:
+    p = khmon("report")
+    assert p.returncode == 2
+    assert "give either a recording or --live" in _one_error_line(p)
+
+
+def test_report_file_and_live_exits_2(recording: Path) -> None:
+    p = khmon("report", recording, "--live")
+    assert p.returncode == 2
+    _one_error_line(p)
+
+
+@pytest.mark.parametrize("cmd", [["report", "--live"], ["record", "-o", "/nonexistent/x"]])
+def test_ringbuf_pages_not_power_of_two(cmd: list[str]) -> None:
+    p = khmon(*cmd, "--ringbuf-pages", "3")
+    assert p.returncode == 2
+    assert "--ringbuf-pages 3 is not a power of two" in _one_error_line(p)
+
+
+def test_ringbuf_pages_zero_is_a_usage_error() -> None:
+    p = khmon("report", "--live", "--ringbuf-pages", "0")
+    assert p.returncode == 2
+    assert "Traceback" not in p.stderr
+
+
+def test_version() -> None:
+    p = khmon("--version")
+    assert p.returncode == 0
+    assert p.stdout.strip() == "khmon 0.1.0"
+
+
+# Recordings whose frames are intact (checksums match) but whose content is not what khmon
+# wrote. The CLI promises exit 2 and one line for "a corrupt or foreign recording".
+def _frame(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack("<BII", kind[0], len(payload), zlib.crc32(payload)) + payload
+
+
+def _crafted(case: str) -> bytes:
+    head = MAGIC + b"\x01\x00"
+    good = json.dumps({"version": 1, **capture_header("6.18", "6.18.44")}).encode()
+    return {
+        "header without events": head + _frame(b"H", b"{}"),
+        "header not an object": head + _frame(b"H", b"[1]"),
+        "record part for event 99": head + _frame(b"H", good) + _frame(b"R", b"\x63\x00"
+                                                                       + bytes(80)),
+        "record part not a whole number of records": head + _frame(b"H", good)
+        + _frame(b"R", b"\x00\x00" + bytes(81)),
+    }[case]
+
+
+@pytest.mark.parametrize("case", ["header without events", "header not an object",
+                                  "record part for event 99",
+                                  "record part not a whole number of records"])
+def test_malformed_but_intact_recording_exits_2(tmp_path: Path, case: str) -> None:
+    f = tmp_path / "crafted.khrec"
+    f.write_bytes(_crafted(case))
+    p = khmon("report", f)
+    assert p.returncode == 2
+    _one_error_line(p)
