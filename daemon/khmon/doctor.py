@@ -35,6 +35,7 @@ class Check:
     item: str
     state: str  # ok | info | warn | fail
     detail: str
+    tier: str = ""  # the capability this check proves present (state ok) or absent
 
 
 def _kallsyms() -> dict[str, str]:
@@ -89,8 +90,9 @@ def run_checks(trial: bool = True) -> list[Check]:
         add(Check("btf", "task_struct.tgid/comm", "ok", f"offsets {off.task_tgid}/{off.task_comm}"))
         cc = btf.member_offset("collapse_control", "mthp_present_ptes")
         add(Check("btf", "collapse_control.mthp_present_ptes",
-                  "info", f"offset {cc}: exact per-PMD bitmaps" if cc is not None
-                  else "absent (kernel predates the mTHP collapse series)"))
+                  "ok" if cc is not None else "info", f"offset {cc}: exact per-PMD bitmaps"
+                  if cc is not None else "absent (kernel predates the mTHP collapse series)",
+                  "mthp_present_ptes"))
 
     try:
         tr = tracefs_root()
@@ -106,9 +108,9 @@ def run_checks(trial: bool = True) -> list[Check]:
             if name not in names:
                 add(Check("tracepoint", name, "info", "not on this kernel (mTHP collapse, 7.2+)"))
         has_order = any(read_format(n, tr).field("order") for n in names)
-        add(Check("tracepoint", "order field", "info",
+        add(Check("tracepoint", "order field", "ok" if has_order else "info",
                   "present: per-order collapse attempts" if has_order
-                  else "absent: every collapse is PMD-sized on this kernel"))
+                  else "absent: every collapse is PMD-sized on this kernel", "order"))
     except KhmonError as e:
         add(Check("tracefs", "tracepoints", "fail", str(e)))
 
@@ -120,8 +122,9 @@ def run_checks(trial: bool = True) -> list[Check]:
                   f"BTF {'yes' if in_btf else 'no'}, kallsyms {'yes' if in_ksyms else 'no'}"
                   + ("" if in_btf or in_ksyms else " (inlined or renamed on this kernel)")))
     for sym in DATA_SYMBOLS:
-        add(Check("kallsyms", sym, "info", "present" if sym in syms
-                  else "absent (CONFIG_KALLSYMS_ALL off, or hidden): no BPF page-table walk"))
+        add(Check("kallsyms", sym, "ok" if sym in syms else "info", "present" if sym in syms
+                  else "absent (CONFIG_KALLSYMS_ALL off, or hidden): no BPF page-table walk",
+                  "kallsyms_data" if sym == "page_offset_base" else ""))
 
     checks.append(_headers())
     if trial and root:
@@ -139,8 +142,9 @@ def run_checks(trial: bool = True) -> list[Check]:
                for n in sizes]
     add(Check("thp", "mTHP sizes", "info", ", ".join(enabled) or "none"))
     stats = sorted({p.name for p in THP.glob("hugepages-*kB/stats/collapse_*")})
-    add(Check("thp", "per-order collapse stats", "info",
-              ", ".join(stats) if stats else "none (kernel predates per-order collapse stats)"))
+    add(Check("thp", "per-order collapse stats", "ok" if stats else "info",
+              ", ".join(stats) if stats else "none (kernel predates per-order collapse stats)",
+              "per_order_stats"))
     return checks
 
 
@@ -156,9 +160,9 @@ def _trials(btf: Btf | None, syms: dict[str, str]) -> list[Check]:
         cap.probes.close()
         out.append(Check("capture", "tracepoint programs", "warn" if bad else "ok",
                          f"compiled, loaded and attached to {len(cap.probes.attached) - len(bad)}"
-                         f" tracepoints" + (f"; failed: {bad}" if bad else "")))
+                         f" tracepoints" + (f"; failed: {bad}" if bad else ""), "tracepoints"))
     except KhmonError as e:
-        out.append(Check("capture", "tracepoint programs", "fail", str(e)))
+        out.append(Check("capture", "tracepoint programs", "fail", str(e), "tracepoints"))
     target = next((f for f in PMD_FUNCS if (btf and btf.has_func(f)) or f in syms), None)
     if target is None:
         out.append(Check("probes", "kfunc/kprobe", "info", "no collapse function to try"))
@@ -166,7 +170,7 @@ def _trials(btf: Btf | None, syms: dict[str, str]) -> list[Check]:
     for kind in ("kfunc", "kprobe"):
         err = try_function_probe(kind, target)
         out.append(Check("probes", f"{kind} on {target}", "ok" if err is None else "info",
-                         "works" if err is None else f"refused: {err}"))
+                         "works" if err is None else f"refused: {err}", kind))
     return out
 
 
@@ -174,5 +178,12 @@ def failures(checks: list[Check]) -> list[Check]:
     return [c for c in checks if c.state == "fail"]
 
 
-def as_json(checks: list[Check]) -> list[dict]:
-    return [asdict(c) for c in checks]
+def tiers(checks: list[Check]) -> dict[str, bool]:
+    """Each capability a check established: tracepoints, order, kfunc, kprobe,
+    kallsyms_data, mthp_present_ptes, per_order_stats -> available or not."""
+    return {c.tier: c.state == "ok" for c in checks if c.tier}
+
+
+def as_json(checks: list[Check]) -> dict:
+    return {"checks": [asdict(c) for c in checks], "tiers": tiers(checks),
+            "live_capture": not failures(checks)}

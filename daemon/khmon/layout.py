@@ -106,21 +106,39 @@ class EventLayout:
         return HEADER_NAMES + body + strs
 
     @cached_property
+    def items(self) -> tuple[tuple[str, int, str], ...]:
+        """(name, byte offset in the record, struct code) of every field, in record order."""
+        out, pos = [], 0
+        for name, code in HEADER_FIELDS:
+            out.append((name, pos, code))
+            pos += struct.calcsize("<" + code)
+        for f in self.fields:
+            out.append((f.name, HEADER_SIZE + f.offset - COMMON_SIZE, _code(f)))
+        base = HEADER_SIZE + self.body_size
+        out.extend((f"{f.name}_str", base + i * STR_LEN, f"{STR_LEN}s")
+                   for i, f in enumerate(self.strings))
+        return tuple(out)
+
+    def projection(self, names: tuple[str, ...] | None = None) -> struct.Struct:
+        """A struct unpacking whole records into just the named fields, in record order,
+        the rest skipped as padding (all fields when names is None). Unpacking fewer fields
+        is most of what makes replay fast."""
+        parts, pos = [], 0
+        for name, off, code in self.items:
+            if names is not None and name not in names:
+                continue
+            if off > pos:
+                parts.append(f"{off - pos}x")
+            parts.append(code)
+            pos = off + struct.calcsize("<" + code)
+        if pos < self.size:
+            parts.append(f"{self.size - pos}x")
+        return struct.Struct("<" + "".join(parts))
+
+    @cached_property
     def struct(self) -> struct.Struct:
         """Unpacks one whole record, header, body and strings, into one flat tuple."""
-        parts, pos = [], 0
-        for f in self.fields:
-            start = f.offset - COMMON_SIZE
-            if start > pos:
-                parts.append(f"{start - pos}x")
-            parts.append(_code(f))
-            pos = start + f.size
-        if pos < self.body_size:
-            parts.append(f"{self.body_size - pos}x")
-        parts.extend(f"{STR_LEN}s" for _ in self.strings)
-        s = struct.Struct("<" + HEADER_STRUCT.format[1:] + "".join(parts))
-        assert s.size == self.size, (self.name, s.size, self.size)
-        return s
+        return self.projection()
 
     @cached_property
     def record_type(self) -> type:

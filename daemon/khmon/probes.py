@@ -57,6 +57,9 @@ class LiveProbes:
     def attach(self) -> None:
         """Attach every program; the in-kernel counters count from here. Called again after
         detach() to open another window without recompiling (slow in TCG guests)."""
+        # Counters count from before the first program can run: a base read after attaching
+        # would subtract events whose records are nonetheless delivered.
+        self._base = self._raw_counters()
         self.attached = {}
         for lay in self.layouts:
             try:
@@ -71,7 +74,6 @@ class LiveProbes:
                              + "; ".join(f"{k}: {v}" for k, v in self.attached.items()),
                              "run khmon doctor")
         self.detached = False
-        self._base = self._raw_counters()
 
     def _on_record(self, _ctx, data, size) -> None:
         self._pending.append(ctypes.string_at(data, size))

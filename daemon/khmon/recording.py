@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
+import os
 import struct
 import zlib
 from collections.abc import Iterator
@@ -105,7 +107,12 @@ class Reader:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            self._data = Path(path).read_bytes()
+            with open(path, "rb") as f:
+                # Mapped, not read: a replay touches each part once, and the page cache
+                # rather than the process holds a large recording.
+                self._data: bytes | mmap.mmap = (
+                    mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                    if os.fstat(f.fileno()).st_size else b"")
         except OSError as e:
             raise KhmonError(f"cannot read {path}: {e.strerror}", "check the path",
                              EXIT_BAD_INPUT) from e
@@ -115,7 +122,7 @@ class Reader:
         head = len(MAGIC) + 2
         if not self._data:
             raise _bad(path, "empty file, not a khmon recording")
-        if not self._data.startswith(MAGIC[: len(self._data)]):
+        if self._data[: len(MAGIC)] != MAGIC[: len(self._data)]:
             raise _bad(path, "not a khmon recording (bad magic)")
         if len(self._data) < head:
             raise _bad(path, f"truncated recording: {len(self._data)} bytes, header incomplete")
@@ -146,22 +153,22 @@ class Reader:
         if end > len(data):
             self._truncated(pos)
             return None
-        payload = data[start:end]
-        if zlib.crc32(payload) != crc:
-            raise _bad(self.path, f"corrupt recording at byte {pos} (checksum mismatch)")
+        with memoryview(data) as view:
+            if zlib.crc32(view[start:end]) != crc:
+                raise _bad(self.path, f"corrupt recording at byte {pos} (checksum mismatch)")
         self._pos = end
         k = chr(kind)
         if k == "R":
             if length < EVENT_INDEX.size:
                 raise _bad(self.path, f"corrupt recording at byte {pos} (empty record part)")
-            (event,) = EVENT_INDEX.unpack_from(payload)
-            records = payload[EVENT_INDEX.size:]
+            (event,) = EVENT_INDEX.unpack_from(data, start)
+            records = data[start + EVENT_INDEX.size:end]
             if event >= len(self.layouts) or len(records) % self.layouts[event].size:
                 raise _bad(self.path, f"corrupt recording at byte {pos} (records of event "
                            f"{event} do not fit its layout)")
             return Part(k, event=event, data=records)
         try:
-            meta = json.loads(payload)
+            meta = json.loads(data[start:end])
         except ValueError as e:
             raise _bad(self.path, f"corrupt recording at byte {pos} (bad JSON)") from e
         if k == "E":

@@ -58,6 +58,10 @@ class LiveCapture:
             raise KhmonError("-p PID needs mm->owner to tell whose memory a scan is, and this "
                              "kernel's BTF has no mm_struct.owner (CONFIG_MEMCG off)",
                              "run without -p", EXIT_BAD_INPUT)
+        # The kernel's counters are read before attaching and after detaching, so their
+        # window encloses khmon's: on a busy system their deltas may exceed khmon's counts,
+        # never fall short of them.
+        self.start_counters = read_counters()
         self.probes = LiveProbes(self.layouts, self.owner, cfg)
 
     def header(self) -> dict:
@@ -76,7 +80,7 @@ class LiveCapture:
             else "unavailable: no mm_struct.owner in BTF (kernel without CONFIG_MEMCG)",
             "options": {**asdict(self.cfg), "pid": self.cfg.filter_tgid},
             "settings": read_settings(),
-            "counters": read_counters(),
+            "counters": self.start_counters,
             "recorder_pid": os.getpid(),
         }
 
@@ -115,6 +119,7 @@ class LiveCapture:
 
     def reopen(self) -> None:
         """Attach again after a kept window; counts start from zero."""
+        self.start_counters = read_counters()
         self.probes.attach()
 
 

@@ -1,0 +1,588 @@
+"""Live overhead: how much attaching khmon slows khugepaged at full speed, next to bpftrace.
+
+Setup (FACTS.md, "Event rates on the host kernel"): THP enabled=madvise, khugepaged
+scan_sleep_millisecs=0, pages_to_scan=65536, max_ptes_none=0, and one workload process
+(`python -m khmon.workload --pmds 4096 --pattern one-page`): an 8 GiB MADV_HUGEPAGE region
+with one page per PMD, so every PMD scan fails fast (exceed_none_pte) and khugepaged does
+nothing but scan, over a million mm_khugepaged_scan_pmd events a second. Every knob is
+restored and the workload killed on the way out, whatever happens.
+
+Measured, in alternating rounds (the order rotates every round), over a fixed window each:
+  none      nothing attached
+  khmon     an in-process khmon.session.LiveCapture, its parts consumed by a report
+            Aggregator exactly as `khmon report --live` does
+  bpftrace  bpftrace -e 'tracepoint:huge_memory:mm_khugepaged_scan_pmd { @ = count(); }'
+Each window starts once the tracer is attached (and has settled for a second).
+
+How to read the output:
+  full_scans/s     delta of khugepaged/full_scans over the window divided by its length:
+                   passes over all registered mm's, so higher is better (less overhead)
+  scans/kh-cpu-s   full_scans per second of CPU khugepaged itself got: the same number
+                   corrected for CPU stolen by other processes on a busy machine
+  khmon/none, khmon/bpftrace   ratios of the medians; the target is khmon/bpftrace >= 1
+  seen/s, records/s, lost      khmon's in-kernel `seen` counter, the records its Python
+                   side received (ring buffer + dedup drains), and `lost` (ring buffer full)
+  khmon CPU%       CPU time of the khmon process (this one) over the window, of one core
+A window is flagged (and left out of the medians when clean windows exist) if another
+process had MADV_HUGEPAGE memory (it would share khugepaged's passes) or a knob changed.
+
+Then, unless --no-bpf-stats, a short phase with kernel.bpf_stats_enabled=1 (restored after)
+prints run_time_ns / run_cnt of the program each tracer attached to mm_khugepaged_scan_pmd:
+the in-kernel cost per event. Needs root and bpftrace. Run: .venv/bin/python bench/overhead.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from khmon.sysfs import KHUGEPAGED, override
+
+KNOBS = {
+    "enabled": "madvise",
+    "khugepaged/scan_sleep_millisecs": "0",
+    "khugepaged/pages_to_scan": "65536",
+    "khugepaged/max_ptes_none": "0",
+}
+TRACEPOINT = "mm_khugepaged_scan_pmd"
+BPFTRACE_PROG = f"tracepoint:huge_memory:{TRACEPOINT} {{ @ = count(); }}"
+BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
+SETTLE_S = 1.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# ---------------------------------------------------------------------------------------
+# The machine: khugepaged's counters and who else is registered with it
+
+
+def full_scans() -> int:
+    return int((KHUGEPAGED / "full_scans").read_text())
+
+
+def khugepaged_pid() -> int | None:
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (p / "comm").read_text().strip() == "khugepaged":
+                    return int(p.name)
+    return None
+
+
+def cpu_ticks(pid: int | None) -> int:
+    """utime + stime of a task, in clock ticks (0 when unknown)."""
+    if pid is None:
+        return 0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])
+
+
+def hugepage_users(exclude: set[int]) -> list[str]:
+    """Other processes with an MADV_HUGEPAGE mapping (VmFlags 'hg'): with enabled=madvise,
+    exactly the mm's khugepaged would also scan, changing the full_scans rate."""
+    out = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit() or int(p.name) in exclude:
+            continue
+        try:
+            smaps = (p / "smaps").read_text()
+        except OSError:
+            continue
+        n = len(re.findall(r"^VmFlags:.* hg", smaps, re.M))
+        if n:
+            with contextlib.suppress(OSError):
+                out.append(f"{p.name}:{(p / 'comm').read_text().strip()}({n} VMAs)")
+    return out
+
+
+def other_khmon(exclude: set[int]) -> list[str]:
+    """Other processes that run khmon or its tests: they write the same sysfs knobs."""
+    out = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit() or int(p.name) in exclude:
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if ("khmon" in cmd or "pytest" in cmd) and "bench/overhead.py" not in cmd:
+            out.append(f"{p.name}:{cmd.strip()[:60]}")
+    return out
+
+
+def knob_changes() -> list[str]:
+    thp = KHUGEPAGED.parent
+    out = []
+    for rel, want in KNOBS.items():
+        got = (thp / rel).read_text().strip()
+        if got != want and f"[{want}]" not in got:
+            out.append(f"{rel}={got}")
+    return out
+
+
+class KnobFight(RuntimeError):
+    """Someone else wrote the knobs mid-run (a live test?): stop rather than fight."""
+
+
+class Workload:
+    """khmon.workload: 4096 PMDs, one page each, held until killed."""
+
+    def __init__(self, pmds: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "khmon.workload", "--pmds", str(pmds), "--pattern", "one-page",
+             "--timeout", "0", "--hold", "86400"], stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"workload exited ({self.proc.wait()}) before it was ready")
+        self.pid = int(json.loads(line)["pid"])
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+# ---------------------------------------------------------------------------------------
+# One measurement window
+
+
+@dataclass
+class Window:
+    mode: str
+    round: int
+    seconds: float = 0.0
+    scans: int = 0
+    kh_cpu_s: float = 0.0
+    flags: list[str] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.scans / self.seconds if self.seconds else 0.0
+
+    @property
+    def per_cpu(self) -> float:
+        return self.scans / self.kh_cpu_s if self.kh_cpu_s else 0.0
+
+
+class Meter:
+    """Starts and stops the window: full_scans, khugepaged CPU and our own CPU."""
+
+    def __init__(self, ctx: Context, w: Window) -> None:
+        self.ctx, self.w = ctx, w
+        self.t0 = self.s0 = self.k0 = 0
+        self.c0 = 0.0
+        self.last_check = 0.0
+
+    def start(self) -> None:
+        self._check("before")
+        self.t0, self.s0 = time.monotonic(), full_scans()
+        self.k0, self.c0 = cpu_ticks(self.ctx.kh_pid), time.process_time()
+
+    def stop(self) -> None:
+        t1, s1 = time.monotonic(), full_scans()
+        k1, c1 = cpu_ticks(self.ctx.kh_pid), time.process_time()
+        self.w.seconds, self.w.scans = t1 - self.t0, s1 - self.s0
+        self.w.kh_cpu_s = (k1 - self.k0) / CLK_TCK
+        self.w.extra["self_cpu_pct"] = 100 * (c1 - self.c0) / self.w.seconds
+        self._check("after")
+
+    def tick(self) -> None:
+        """Called about once a second inside the window: catch users that come and go."""
+        now = time.monotonic()
+        if now - self.last_check >= 1.0:
+            self.last_check = now
+            self._check("during")
+
+    def _check(self, when: str) -> None:
+        others = hugepage_users(self.ctx.exclude)
+        if others:
+            msg = f"other MADV_HUGEPAGE users {', '.join(others)}"
+            if not any(msg in f for f in self.w.flags):
+                self.w.flags.append(f"{when}: {msg}")
+        changed = knob_changes()
+        if changed and not any("knobs changed" in f for f in self.w.flags):
+            self.w.flags.append(f"{when}: knobs changed {', '.join(changed)}")
+
+
+@dataclass
+class Context:
+    window_s: float
+    kh_pid: int | None
+    exclude: set[int]
+
+
+def sleep_window(ctx: Context, m: Meter) -> None:
+    end = m.t0 + ctx.window_s
+    while (left := end - time.monotonic()) > 0:
+        time.sleep(min(left, 0.25))
+        m.tick()
+
+
+def run_none(ctx: Context, w: Window) -> None:
+    time.sleep(SETTLE_S)
+    m = Meter(ctx, w)
+    m.start()
+    sleep_window(ctx, m)
+    m.stop()
+
+
+def run_bpftrace(ctx: Context, w: Window) -> None:
+    proc = subprocess.Popen(["bpftrace", "-e", BPFTRACE_PROG], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("Attaching"):
+                break
+        else:
+            raise RuntimeError(f"bpftrace exited ({proc.wait()}) before attaching")
+        wait_attached(proc.pid)
+        attached = time.monotonic()
+        time.sleep(SETTLE_S)
+        m = Meter(ctx, w)
+        m.start()
+        sleep_window(ctx, m)
+        m.stop()
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=30)[0]
+        lasted = time.monotonic() - attached
+        hit = re.search(r"^@: (\d+)", out, re.M)
+        if hit:
+            w.extra["events_per_s"] = int(hit.group(1)) / lasted
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def run_khmon(ctx: Context, w: Window) -> None:
+    """khmon as `khmon report --live` runs it: LiveCapture parts into an Aggregator."""
+    from khmon.bpfgen import ProbeConfig
+    from khmon.report import Aggregator
+    from khmon.session import LiveCapture
+
+    cap = LiveCapture(ProbeConfig())
+    header = cap.header()
+    agg = Aggregator(header)
+    sizes = {lay.index: lay.size for lay in cap.layouts}
+    m = Meter(ctx, w)
+    attached = time.monotonic()
+    phase = {"state": "settle", "records": 0, "c0": None}
+
+    def should_stop() -> bool:
+        now = time.monotonic()
+        if phase["state"] == "settle" and now - attached >= SETTLE_S:
+            phase.update(state="window", records=0, c0=cap.probes.counters())
+            m.start()
+        elif phase["state"] == "window":
+            m.tick()
+        if phase["state"] == "window" and now - m.t0 >= ctx.window_s:
+            m.stop()
+            c1 = cap.probes.counters()
+            c0 = phase["c0"]
+            for name in ("seen", "lost", "dedup_full"):
+                w.extra[f"{name}_per_s"] = (sum(c1[name].values())
+                                            - sum(c0[name].values())) / w.seconds
+            w.extra["records_per_s"] = phase["records"] / w.seconds
+            phase["state"] = "done"
+        return phase["state"] == "done"
+
+    for part in cap.parts(header, None, should_stop):
+        agg.add(part)
+        if part.kind == "R" and phase["state"] == "window":
+            phase["records"] += len(part.data) // sizes[part.event]
+    r = agg.result([])
+    w.extra["lost_total"] = r["lost_events"]
+    w.extra["unaccounted"] = sum(a["unaccounted"] for a in r["accounting"].values())
+
+
+# Modes by name; a scratch script may add its own (see the report for prototypes).
+MODES: dict[str, Callable[[Context, Window], None]] = {
+    "none": run_none,
+    "khmon": run_khmon,
+    "bpftrace": run_bpftrace,
+}
+
+
+# ---------------------------------------------------------------------------------------
+# In-kernel cost per event (kernel.bpf_stats_enabled)
+
+
+@contextlib.contextmanager
+def bpf_stats() -> Iterator[None]:
+    old = BPF_STATS.read_text().strip()
+    BPF_STATS.write_text("1")
+    try:
+        yield
+    finally:
+        BPF_STATS.write_text(old)
+
+
+def prog_ids(pid: int) -> list[int]:
+    """IDs of the BPF programs process `pid` attached to the scan_pmd tracepoint."""
+    out = subprocess.run(["bpftool", "perf", "show", "-j"], capture_output=True, text=True,
+                         check=True).stdout
+    return [e["prog_id"] for e in json.loads(out or "[]")
+            if e.get("pid") == pid and e.get("tracepoint") == TRACEPOINT]
+
+
+def wait_attached(pid: int, timeout: float = 20.0) -> list[int]:
+    """Poll until `pid` has a program on the tracepoint (bpftrace prints 'Attaching' first)."""
+    deadline = time.monotonic() + timeout
+    while not (ids := prog_ids(pid)):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"pid {pid} attached nothing to {TRACEPOINT} in {timeout:.0f} s")
+        time.sleep(0.1)
+    return ids
+
+
+def prog_stats(ids: list[int]) -> tuple[int, int]:
+    ns = cnt = 0
+    for i in ids:
+        out = subprocess.run(["bpftool", "prog", "show", "id", str(i), "-j"],
+                             capture_output=True, text=True, check=True).stdout
+        info = json.loads(out)
+        ns += info.get("run_time_ns", 0)
+        cnt += info.get("run_cnt", 0)
+    return ns, cnt
+
+
+def cost_khmon(seconds: float) -> tuple[int, int]:
+    from khmon.bpfgen import ProbeConfig
+    from khmon.report import Aggregator
+    from khmon.session import LiveCapture
+
+    cap = LiveCapture(ProbeConfig())
+    header = cap.header()
+    agg = Aggregator(header)
+    ids = prog_ids(os.getpid())
+    t0 = time.monotonic()
+    result = (0, 0)
+
+    def stop() -> bool:
+        nonlocal result
+        if time.monotonic() - t0 >= seconds:
+            result = prog_stats(ids)
+            return True
+        return False
+
+    for part in cap.parts(header, None, stop):
+        agg.add(part)
+    return result
+
+
+def cost_bpftrace(seconds: float) -> tuple[int, int]:
+    proc = subprocess.Popen(["bpftrace", "-e", BPFTRACE_PROG], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("Attaching"):
+                break
+        ids = wait_attached(proc.pid)
+        time.sleep(seconds)
+        return prog_stats(ids)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+COSTS: dict[str, Callable[[float], tuple[int, int]]] = {
+    "khmon": cost_khmon,
+    "bpftrace": cost_bpftrace,
+}
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def wait_quiet(exclude: set[int], timeout: float) -> list[str]:
+    """Wait for other MADV_HUGEPAGE users and other khmon runs to go away; return those
+    still there."""
+    deadline = time.monotonic() + timeout
+
+    def busy() -> list[str]:
+        return hugepage_users(exclude) + other_khmon(exclude)
+
+    others = busy()
+    if others and timeout > 0:
+        print(f"waiting up to {timeout:.0f} s for other MADV_HUGEPAGE users and khmon runs: "
+              f"{', '.join(others)}", flush=True)
+    while others and time.monotonic() < deadline:
+        time.sleep(2)
+        others = busy()
+    return others
+
+
+def median_of(ws: list[Window], attr: str) -> float:
+    clean = [w for w in ws if not w.flags] or ws
+    return statistics.median(getattr(w, attr) for w in clean)
+
+
+def report(windows: list[Window], modes: list[str]) -> None:
+    print("\nper window:")
+    print(f"  {'round':>5} {'mode':<10} {'seconds':>7} {'full_scans':>10} {'scans/s':>9} "
+          f"{'scans/kh-cpu-s':>14}  notes")
+    for w in windows:
+        notes = []
+        if "seen_per_s" in w.extra:
+            notes.append(f"seen {w.extra['seen_per_s']:,.0f}/s records {w.extra['records_per_s']:,.0f}/s "
+                         f"lost {w.extra['lost_per_s']:,.0f}/s cpu {w.extra['self_cpu_pct']:.1f}%")
+        if "events_per_s" in w.extra:
+            notes.append(f"bpftrace count {w.extra['events_per_s']:,.0f}/s")
+        notes += ["FLAGGED: " + f for f in w.flags]
+        print(f"  {w.round:>5} {w.mode:<10} {w.seconds:7.2f} {w.scans:10d} {w.rate:9.1f} "
+              f"{w.per_cpu:14.1f}  {'; '.join(notes)}")
+
+    by = {m: [w for w in windows if w.mode == m] for m in modes}
+    print("\nmedians (over unflagged windows where there are any):")
+    print(f"  {'mode':<10} {'windows':>7} {'flagged':>7} {'full_scans/s':>12} {'scans/kh-cpu-s':>14}")
+    for m, ws in by.items():
+        print(f"  {m:<10} {len(ws):7d} {sum(1 for w in ws if w.flags):7d} "
+              f"{median_of(ws, 'rate'):12.1f} {median_of(ws, 'per_cpu'):14.1f}")
+
+    def ratio(a: str, b: str, attr: str) -> str:
+        if a not in by or b not in by or not median_of(by[b], attr):
+            return "n/a"
+        return f"{median_of(by[a], attr) / median_of(by[b], attr):.3f}"
+
+    print("\nratios of medians (full_scans/s, and per khugepaged CPU-second):")
+    for a, b in (("khmon", "none"), ("khmon", "bpftrace"), ("bpftrace", "none")):
+        if a in by and b in by:
+            print(f"  {a}/{b}: {ratio(a, b, 'rate')}  (per kh-cpu-s {ratio(a, b, 'per_cpu')})")
+    for m in modes:
+        ks = [w for w in by.get(m, []) if "seen_per_s" in w.extra]
+        if not ks:
+            continue
+
+        def med(key: str, ks: list[Window] = ks) -> float:
+            return statistics.median(w.extra[key] for w in ks)
+
+        print(f"\n{m} (median over its windows): events seen {med('seen_per_s'):,.0f}/s, "
+              f"records sent {med('records_per_s'):,.0f}/s, lost {med('lost_per_s'):,.0f}/s, "
+              f"dedup_full {med('dedup_full_per_s'):,.0f}/s, process CPU {med('self_cpu_pct'):.1f}% "
+              f"of one core; lost over whole captures: {sum(w.extra['lost_total'] for w in ks)}, "
+              f"unaccounted: {sum(w.extra['unaccounted'] for w in ks)}")
+    bt = [w.extra["events_per_s"] for w in by.get("bpftrace", []) if "events_per_s" in w.extra]
+    if bt:
+        print(f"bpftrace count(): median {statistics.median(bt):,.0f} events/s")
+    target = ratio("khmon", "bpftrace", "rate")
+    if target != "n/a":
+        print(f"\ntarget khmon >= bpftrace: {'MET' if float(target) >= 1 else 'MISSED'} "
+              f"(khmon/bpftrace = {target})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--window", type=float, default=10.0, help="seconds per window")
+    ap.add_argument("--pmds", type=int, default=4096, help="workload size in 2 MiB PMDs")
+    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated, of: " + ", ".join(MODES))
+    ap.add_argument("--quiet-timeout", type=float, default=120.0,
+                    help="seconds to wait for other MADV_HUGEPAGE users to exit first")
+    ap.add_argument("--retries", type=int, default=2,
+                    help="times a flagged window is measured again (after waiting for quiet)")
+    ap.add_argument("--no-bpf-stats", action="store_true", help="skip the ns/event phase")
+    ap.add_argument("--cost-seconds", type=float, default=5.0)
+    args = ap.parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if os.geteuid() != 0:
+        print("overhead.py needs root (sysfs knobs, BPF)", file=sys.stderr)
+        return 1
+    if "bpftrace" in modes and not shutil.which("bpftrace"):
+        print("bpftrace not found: apt-get install bpftrace", file=sys.stderr)
+        return 1
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        print(f"unknown modes: {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
+
+    kh_pid = khugepaged_pid()
+    windows: list[Window] = []
+    work: Workload | None = None
+    # Other users first (a live test run changes the same knobs): wait before touching any,
+    # and refuse to start while one runs (we would save its temporary values, then restore them).
+    wait_quiet({os.getpid()}, args.quiet_timeout)
+    running = other_khmon({os.getpid()})
+    if running:
+        print(f"refusing to start: other khmon runs change the same knobs: {', '.join(running)}",
+              file=sys.stderr)
+        return 3
+    aborted = None
+    with override(KNOBS) as saved:
+        print(f"knobs set: {KNOBS} (saved, restored at exit: {saved})")
+        try:
+            work = Workload(args.pmds)
+            exclude = {os.getpid(), work.pid}
+            ctx = Context(args.window, kh_pid, exclude)
+            print(f"workload pid {work.pid}: {args.pmds} PMDs x 2 MiB, one page each; "
+                  f"khugepaged pid {kh_pid}")
+            still = wait_quiet(exclude, 0)
+            if still:
+                print(f"WARNING: still registered with khugepaged: {', '.join(still)}; "
+                      "their windows are flagged")
+            s0 = full_scans()
+            time.sleep(2)
+            print(f"warm-up: {(full_scans() - s0) / 2:.0f} full_scans/s", flush=True)
+            try:
+                for r in range(args.rounds):
+                    order = modes[r % len(modes):] + modes[:r % len(modes)]
+                    for mode in order:
+                        for attempt in range(1 + args.retries):
+                            w = Window(mode, r + 1)
+                            MODES[mode](ctx, w)
+                            windows.append(w)
+                            print(f"  round {r + 1} {mode:<10} {w.rate:8.1f} full_scans/s"
+                                  + (" (flagged)" if w.flags else ""), flush=True)
+                            if any("knobs changed" in f for f in w.flags):
+                                raise KnobFight("; ".join(w.flags))
+                            if not w.flags or attempt == args.retries:
+                                break
+                            wait_quiet(exclude, args.quiet_timeout)  # then measure it again
+            except KnobFight as e:
+                aborted = f"ABORTED: another process rewrote the knobs mid-run ({e})"
+                print(aborted)
+            report(windows, modes)
+
+            if not args.no_bpf_stats and not aborted:
+                print(f"\nin-kernel cost of the {TRACEPOINT} program "
+                      f"(kernel.bpf_stats_enabled=1, {args.cost_seconds:.0f} s each):")
+                with bpf_stats():
+                    for name, fn in COSTS.items():
+                        if name not in modes:
+                            continue
+                        ns, cnt = fn(args.cost_seconds)
+                        per = f"{ns / cnt:.1f} ns/event" if cnt else "no runs"
+                        print(f"  {name:<10} run_cnt {cnt:,} run_time_ns {ns:,}: {per}", flush=True)
+        finally:
+            if work is not None:
+                work.kill()
+    print(f"\nknobs restored: {', '.join(f'{k}={v}' for k, v in saved.items())}")
+    if aborted:
+        print(aborted + "; check the knobs above are what they should be", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
