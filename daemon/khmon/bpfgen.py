@@ -96,20 +96,29 @@ def _event_code(lay: EventLayout) -> str:
             "}",
         ]
         return "\n".join(lines) + "\n"
-    zero_gaps = [f"    __builtin_memset(&k.b[{off}], 0, {length});" for off, length in lay.gaps]
+    if lay.raw:
+        # TP_PROTO arguments, each a u64 in ctx->args[]; keep the low `size` bytes.
+        sig = f"int khmon_{n}(struct bpf_raw_tracepoint_args *ctx)"
+        fill = [f"    {{ u64 a = ctx->args[{i}]; "
+                f"__builtin_memcpy(&k.b[{f.offset - COMMON_SIZE}], &a, {f.size}); }}"
+                for i, f in enumerate(lay.fields)]
+    else:
+        # The trace entry, read in one go; its padding zeroed so equal payloads are equal keys.
+        sig = f"int khmon_{n}(void *ctx)"
+        fill = [f"    bpf_probe_read_kernel(k.b, sizeof(k.b), (char *)ctx + {COMMON_SIZE});",
+                *(f"    __builtin_memset(&k.b[{off}], 0, {length});" for off, length in lay.gaps),
+                *_copy_strings(lay, "k")]
     lines += [
         f"struct dkey_{n} {{\n    u32 tid;\n    u32 pad;\n    u8 b[{lay.body_size}];\n{strs}}};",
         f"struct dval_{n} {{\n    u64 repeats;\n    u32 excluded;\n    u32 pad;\n"
         f"    struct rec_{n} rec;\n}};",
         f"BPF_HASH(dedup_{n}, struct dkey_{n}, struct dval_{n}, DEDUP_ENTRIES);",
-        f"int khmon_{n}(void *ctx)",
+        sig,
         "{",
         f"    struct dkey_{n} k = {{}};",
         f"    u32 ev = {idx};",
         "    k.tid = (u32)bpf_get_current_pid_tgid();",
-        f"    bpf_probe_read_kernel(k.b, sizeof(k.b), (char *)ctx + {COMMON_SIZE});",
-        *zero_gaps,
-        *_copy_strings(lay, "k"),
+        *fill,
         f"    struct dval_{n} *v = dedup_{n}.lookup(&k);",
         "    if (v) {",
         "        if (v->excluded)",

@@ -16,7 +16,6 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 from .errors import KhmonError
@@ -24,6 +23,7 @@ from .errors import KhmonError
 VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
 _TYPE_RE = re.compile(r"^\[(\d+)\] (\w+) '([^']*)'(.*)$")
 _MEMBER_RE = re.compile(r"^\s+'([^']*)' type_id=(\d+) bits_offset=(\d+)")
+_PARAM_RE = re.compile(r"^\s+'([^']*)' type_id=(\d+)\s*$")
 _ATTR_RE = re.compile(r"(\w+)=(\S+)")
 
 
@@ -32,7 +32,7 @@ class BtfType:
     kind: str
     name: str
     attrs: dict[str, str]
-    members: tuple[tuple[str, int, int], ...]  # (name, type_id, bits_offset)
+    members: tuple[tuple[str, int, int], ...]  # (name, type_id, bits_offset); params: offset 0
 
 
 class Btf:
@@ -63,6 +63,10 @@ class Btf:
                 mm = _MEMBER_RE.match(line)
                 if mm:
                     members.append((mm.group(1), int(mm.group(2)), int(mm.group(3))))
+            elif cur is not None and cur[1] == "FUNC_PROTO":
+                mp = _PARAM_RE.match(line)
+                if mp:
+                    members.append((mp.group(1), int(mp.group(2)), 0))
         flush()
 
     @classmethod
@@ -119,6 +123,40 @@ class Btf:
     def has_func(self, name: str) -> bool:
         return self.find("FUNC", name) is not None
 
-    @cached_property
-    def struct_names(self) -> frozenset[str]:
-        return frozenset(n for (k, n) in self._by_name if k == "STRUCT")
+    def scalar(self, tid: int) -> Scalar | None:
+        """How a parameter of type `tid` travels in a u64 register: size, signedness and a C
+        spelling; None for anything that is not an integer, enum or pointer."""
+        tid = self._strip(tid)
+        t = self.types.get(tid)
+        if t is None:
+            return None
+        if t.kind == "PTR":
+            target = self._strip(int(t.attrs["type_id"]))
+            tt = self.types.get(target)
+            name = f"struct {tt.name} *" if tt and tt.kind == "STRUCT" else "void *"
+            return Scalar(name, 8, False)
+        if t.kind == "INT":
+            enc = t.attrs.get("encoding", "")
+            return Scalar("bool" if enc == "BOOL" else t.name, int(t.attrs["size"]),
+                          enc == "SIGNED")
+        if t.kind in ("ENUM", "ENUM64"):
+            return Scalar(f"enum {t.name}", int(t.attrs["size"]),
+                          t.attrs.get("encoding") == "SIGNED")
+        return None
+
+    def func_params(self, func: str) -> list[tuple[str, Scalar | None]] | None:
+        """(name, scalar type) of each parameter of FUNC `func`, or None if BTF lacks it."""
+        fid = self.find("FUNC", func)
+        if fid is None:
+            return None
+        proto = self.types[int(self.types[fid].attrs["type_id"])]
+        return [(name, self.scalar(tid)) for name, tid, _ in proto.members]
+
+
+@dataclass(frozen=True)
+class Scalar:
+    """A scalar C type as BTF describes it."""
+
+    ctype: str
+    size: int
+    signed: bool

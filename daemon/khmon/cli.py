@@ -284,11 +284,10 @@ def _demo_story(r: dict, runs: list[dict], pmds: int) -> str:
 def _generated_c(cfg: ProbeConfig) -> str:
     from .bpfgen import generate
     from .btf import Btf
-    from .layout import build_layouts
-    from .session import owner_offsets
-    from .tracefs import read_formats
+    from .session import kernel_layouts, owner_offsets
 
-    return generate(build_layouts(read_formats()), owner_offsets(Btf.from_kernel()), cfg)
+    btf = Btf.from_kernel()
+    return generate(kernel_layouts(btf), owner_offsets(btf), cfg)
 
 
 def version_callback(value: bool) -> None:

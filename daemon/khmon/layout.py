@@ -9,12 +9,15 @@ machine can decode it.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from collections import namedtuple
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
-from .tpformat import EventFormat, Field
+from .btf import Scalar
+from .tpformat import EventFormat, Field, parse_format
 
 COMMON_SIZE = 8  # common_type, common_flags, common_preempt_count, common_pid
 STR_LEN = 64  # bytes kept of each __data_loc string (file names)
@@ -58,6 +61,7 @@ class EventLayout:
     index: int
     fmt: EventFormat
     hot: bool  # deduplicated in the kernel: one record per distinct payload, then counts
+    raw: bool = False  # a raw tracepoint: fields are the TP_PROTO arguments (see raw_format)
 
     @property
     def name(self) -> str:
@@ -155,19 +159,69 @@ def is_hot(name: str) -> bool:
     return name.startswith("mm_khugepaged_scan")
 
 
-def build_layouts(formats: list[EventFormat]) -> list[EventLayout]:
-    return [EventLayout(i, f, is_hot(f.name)) for i, f in enumerate(formats)]
+def raw_format(fmt: EventFormat, params: list[tuple[str, Scalar | None]] | None
+               ) -> EventFormat | None:
+    """The event as a raw tracepoint sees it: its TP_PROTO arguments (from the BTF of
+    __bpf_trace_<event>, whose first parameter is the tracepoint's private data) laid out
+    with natural alignment where the format's fields would be. The format's symbol tables
+    still name the values.
+
+    None when a raw tracepoint would lose something: unnamed or non-scalar arguments, a
+    string field (a raw tracepoint sees the pointer, not the text), or a status field with
+    no argument of the same name. A raw tracepoint skips the kernel's trace-entry
+    marshalling, which costs a hot event more than khmon's whole program.
+    """
+    if not params or any(f.is_data_loc for f in fmt.own_fields):
+        return None
+    args = params[1:]
+    if any(not name or scalar is None for name, scalar in args):
+        return None
+    if not set(fmt.symbols) <= {name for name, _ in args}:
+        return None
+    fields: list[Field] = []
+    pos = COMMON_SIZE
+    for name, scalar in args:
+        assert scalar is not None
+        pos = (pos + scalar.size - 1) // scalar.size * scalar.size
+        fields.append(Field(name, scalar.ctype, pos, scalar.size, scalar.signed))
+        pos += scalar.size
+    common = tuple(f for f in fmt.fields if f.is_common)
+    return dataclasses.replace(fmt, fields=common + tuple(fields))
+
+
+def build_layouts(formats: list[EventFormat],
+                  params_of: Callable[[str], list[tuple[str, Scalar | None]] | None]
+                  = lambda _name: None) -> list[EventLayout]:
+    """Layouts for the traced events; hot events become raw tracepoints where params_of
+    (BTF's __bpf_trace_<event> parameters) allows."""
+    out = []
+    for i, f in enumerate(formats):
+        hot = is_hot(f.name)
+        raw = raw_format(f, params_of(f.name)) if hot else None
+        out.append(EventLayout(i, raw or f, hot, raw is not None))
+    return out
 
 
 def layouts_from_header(events: list[dict]) -> list[EventLayout]:
-    """Rebuild the layouts a recording was made with from the format files its header keeps."""
-    from .tpformat import parse_format
-
-    return [EventLayout(i, parse_format(e["format"], e.get("system", "")), bool(e["hot"]))
-            for i, e in enumerate(events)]
+    """Rebuild the layouts a recording was made with from the format files its header keeps
+    (and, for raw tracepoints, the argument layout it used)."""
+    out = []
+    for i, e in enumerate(events):
+        fmt = parse_format(e["format"], e.get("system", ""))
+        raw = e.get("raw_args")
+        if raw is not None:
+            common = tuple(f for f in fmt.fields if f.is_common)
+            fmt = dataclasses.replace(fmt, fields=common + tuple(Field(*a) for a in raw))
+        out.append(EventLayout(i, fmt, bool(e["hot"]), raw is not None))
+    return out
 
 
 def header_events(layouts: list[EventLayout]) -> list[dict]:
     """The header's description of the traced events: enough to decode every record."""
-    return [{"name": lay.name, "system": lay.fmt.system, "hot": lay.hot, "format": lay.fmt.text}
-            for lay in layouts]
+    out = []
+    for lay in layouts:
+        e = {"name": lay.name, "system": lay.fmt.system, "hot": lay.hot, "format": lay.fmt.text}
+        if lay.raw:
+            e["raw_args"] = [[f.name, f.ctype, f.offset, f.size, f.signed] for f in lay.fields]
+        out.append(e)
+    return out

@@ -63,8 +63,11 @@ class LiveProbes:
         self.attached = {}
         for lay in self.layouts:
             try:
-                self.bpf.attach_tracepoint(tp=f"{SYSTEM}:{lay.name}".encode(),
-                                           fn_name=f"khmon_{lay.name}".encode())
+                fn = f"khmon_{lay.name}".encode()
+                if lay.raw:
+                    self.bpf.attach_raw_tracepoint(tp=lay.name.encode(), fn_name=fn)
+                else:
+                    self.bpf.attach_tracepoint(tp=f"{SYSTEM}:{lay.name}".encode(), fn_name=fn)
                 self.attached[lay.name] = None
             except Exception as e:
                 self.attached[lay.name] = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -135,10 +138,13 @@ class LiveProbes:
     def detach(self) -> dict[int, bytes]:
         """Stop new events, then collect what is still in the ring buffer."""
         if not self.detached:
-            for name, err in self.attached.items():
-                if err is None:
+            for lay in self.layouts:
+                if self.attached.get(lay.name) is None:
                     with contextlib.suppress(Exception):
-                        self.bpf.detach_tracepoint(tp=f"{SYSTEM}:{name}".encode())
+                        if lay.raw:
+                            self.bpf.detach_raw_tracepoint(tp=lay.name.encode())
+                        else:
+                            self.bpf.detach_tracepoint(tp=f"{SYSTEM}:{lay.name}".encode())
             self.detached = True
         self.bpf.ring_buffer_consume()
         return self._take()

@@ -39,6 +39,12 @@ def owner_offsets(btf: Btf) -> OwnerOffsets:
     )
 
 
+def kernel_layouts(btf: Btf) -> list[EventLayout]:
+    """The running kernel's khugepaged events, as khmon will trace them: raw tracepoints for
+    hot events whose arguments BTF names (__bpf_trace_<event>), the format otherwise."""
+    return build_layouts(read_formats(), lambda name: btf.func_params(f"__bpf_trace_{name}"))
+
+
 def _now_wall() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
@@ -52,8 +58,9 @@ class LiveCapture:
 
     def __init__(self, cfg: ProbeConfig) -> None:
         self.cfg = cfg
-        self.layouts: list[EventLayout] = build_layouts(read_formats())
-        self.owner = owner_offsets(Btf.from_kernel())
+        btf = Btf.from_kernel()
+        self.layouts = kernel_layouts(btf)
+        self.owner = owner_offsets(btf)
         if cfg.filter_tgid and not self.owner.usable:
             raise KhmonError("-p PID needs mm->owner to tell whose memory a scan is, and this "
                              "kernel's BTF has no mm_struct.owner (CONFIG_MEMCG off)",
