@@ -149,26 +149,32 @@ def run_checks(trial: bool = True) -> list[Check]:
 
 
 def _trials(btf: Btf | None, syms: dict[str, str]) -> list[Check]:
-    """Load and attach for real: the live-capture program, then function-probe tiers."""
-    from .probes import try_function_probe
+    """Load and attach for real: the live-capture program (with a kprobe stub riding along),
+    then a kfunc program."""
+    from .probes import try_kfunc
     from .session import LiveCapture
 
     out = []
+    target = next((f for f in PMD_FUNCS if (btf and btf.has_func(f)) or f in syms), None)
+    kprobe_err: str | None = "not tried: the capture program did not load"
     try:
-        cap = LiveCapture(ProbeConfig(ringbuf_pages=8, dedup_entries=64))
+        cap = LiveCapture(ProbeConfig(ringbuf_pages=8, dedup_entries=64), with_kprobe_stub=True)
         bad = {k: v for k, v in cap.probes.attached.items() if v}
+        raw = [lay.name for lay in cap.layouts if lay.raw]
+        if target is not None:
+            kprobe_err = cap.probes.try_kprobe(target)
         cap.probes.close()
         out.append(Check("capture", "tracepoint programs", "warn" if bad else "ok",
                          f"compiled, loaded and attached to {len(cap.probes.attached) - len(bad)}"
-                         f" tracepoints" + (f"; failed: {bad}" if bad else ""), "tracepoints"))
+                         " tracepoints" + (f" (raw, arguments from BTF: {', '.join(raw)})"
+                                           if raw else "")
+                         + (f"; failed: {bad}" if bad else ""), "tracepoints"))
     except KhmonError as e:
         out.append(Check("capture", "tracepoint programs", "fail", str(e), "tracepoints"))
-    target = next((f for f in PMD_FUNCS if (btf and btf.has_func(f)) or f in syms), None)
     if target is None:
         out.append(Check("probes", "kfunc/kprobe", "info", "no collapse function to try"))
         return out
-    for kind in ("kfunc", "kprobe"):
-        err = try_function_probe(kind, target)
+    for kind, err in (("kfunc", try_kfunc(target)), ("kprobe", kprobe_err)):
         out.append(Check("probes", f"{kind} on {target}", "ok" if err is None else "info",
                          "works" if err is None else f"refused: {err}", kind))
     return out

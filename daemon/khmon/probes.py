@@ -36,11 +36,15 @@ def _import_bcc():
 class LiveProbes:
     """Compiled and attached khmon programs for the given events."""
 
-    def __init__(self, layouts: list[EventLayout], owner: OwnerOffsets, cfg: ProbeConfig) -> None:
+    def __init__(self, layouts: list[EventLayout], owner: OwnerOffsets, cfg: ProbeConfig,
+                 with_kprobe_stub: bool = False) -> None:
         if os.geteuid() != 0:
             raise KhmonError("live capture needs root (BPF and tracefs)", "run with sudo")
         self.layouts = layouts
-        self.source = generate(layouts, owner, cfg)
+        # doctor's kprobe trial rides along in the same program: compiling takes ~30 s in a
+        # TCG guest, so every compile saved counts.
+        stub = "\nint khmon_kprobe_stub(void *ctx) { return 0; }\n" if with_kprobe_stub else ""
+        self.source = generate(layouts, owner, cfg) + stub
         BPF = _import_bcc()
         try:
             self.bpf = BPF(text=self.source, cflags=["-Wno-macro-redefined", "-Wno-ignored-attributes"])
@@ -70,7 +74,7 @@ class LiveProbes:
                     self.bpf.attach_tracepoint(tp=f"{SYSTEM}:{lay.name}".encode(), fn_name=fn)
                 self.attached[lay.name] = None
             except Exception as e:
-                self.attached[lay.name] = str(e).splitlines()[0] if str(e) else type(e).__name__
+                self.attached[lay.name] = _err_text(e)
         if not any(v is None for v in self.attached.values()):
             self.bpf.cleanup()
             raise KhmonError("could not attach to any khugepaged tracepoint: "
@@ -153,30 +157,45 @@ class LiveProbes:
         with contextlib.suppress(Exception):
             self.bpf.cleanup()
 
+    def try_kprobe(self, func: str) -> str | None:
+        """Attach the kprobe stub (with_kprobe_stub) to `func` and detach it: None if the
+        kernel allowed it, else its error. Tried, not guessed (CONFIG_KPROBES may be off)."""
+        with _quiet_stderr():
+            try:
+                self.bpf.attach_kprobe(event=func.encode(), fn_name=b"khmon_kprobe_stub")
+                self.bpf.detach_kprobe(event=func.encode())
+                return None
+            except Exception as e:  # the error is the answer
+                return _err_text(e)
 
-def try_function_probe(kind: str, func: str) -> str | None:
-    """Load and attach a trivial kfunc or kprobe program on `func`: None if it worked, else
+
+def try_kfunc(func: str) -> str | None:
+    """Load and attach a trivial kfunc (fentry) program on `func`: None if it worked, else
     the error. Tried, not guessed: a kernel can list a function in BTF and still refuse
-    (no CONFIG_KPROBES, fentry EPERM under lockdown)."""
+    (fentry EPERM under lockdown)."""
     BPF = _import_bcc()
-    if kind == "kfunc":
-        text = f"KFUNC_PROBE({func}) {{ return 0; }}"
-    else:
-        text = "int khmon_try(void *ctx) { return 0; }"
     b = None
     with _quiet_stderr():
         try:
-            b = BPF(text=text, cflags=["-Wno-macro-redefined", "-Wno-ignored-attributes"])
-            if kind == "kprobe":
-                b.attach_kprobe(event=func.encode(), fn_name=b"khmon_try")
+            b = BPF(text=f"KFUNC_PROBE({func}) {{ return 0; }}",
+                    cflags=["-Wno-macro-redefined", "-Wno-ignored-attributes"])
             return None
-        except Exception as e:
-            msg = str(e).strip().splitlines()
-            return msg[-1] if msg else type(e).__name__
+        except Exception as e:  # the error is the answer
+            err = _err_text(e)
+            if "super-user" in err and os.geteuid() == 0:
+                # bcc's wording for EPERM; we are root, so the kernel itself refuses fentry.
+                err = "EPERM loading an fentry program as root (the kernel forbids it here)"
+            return err
         finally:
             if b is not None:
                 with contextlib.suppress(Exception):
                     b.cleanup()
+
+
+def _err_text(e: Exception) -> str:
+    """bcc's errors end with the line that says why; the rest is context."""
+    lines = str(e).strip().splitlines()
+    return lines[-1] if lines else type(e).__name__
 
 
 @contextlib.contextmanager

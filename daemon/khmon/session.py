@@ -56,7 +56,7 @@ def _mono_ns() -> int:
 class LiveCapture:
     """Attach to every khugepaged tracepoint of the running kernel."""
 
-    def __init__(self, cfg: ProbeConfig) -> None:
+    def __init__(self, cfg: ProbeConfig, with_kprobe_stub: bool = False) -> None:
         self.cfg = cfg
         btf = Btf.from_kernel()
         self.layouts = kernel_layouts(btf)
@@ -69,7 +69,7 @@ class LiveCapture:
         # window encloses khmon's: on a busy system their deltas may exceed khmon's counts,
         # never fall short of them.
         self.start_counters = read_counters()
-        self.probes = LiveProbes(self.layouts, self.owner, cfg)
+        self.probes = LiveProbes(self.layouts, self.owner, cfg, with_kprobe_stub)
 
     def header(self) -> dict:
         return {

@@ -15,6 +15,7 @@ import json
 import mmap
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -81,8 +82,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds to keep the memory after the wait (for scans to repeat)")
     ap.add_argument("--delay", type=float, default=0.0,
                     help="seconds to wait before touching memory (lets a tracer attach first)")
+    ap.add_argument("--wait-signal", action="store_true",
+                    help="wait for SIGUSR1 before touching memory (lets a tracer that needs "
+                    "this pid, like khmon record -p, attach first)")
     args = ap.parse_args(argv)
     _set_comm()
+    if args.wait_signal:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+        print(json.dumps({"waiting": True, "pid": os.getpid()}), flush=True)
+        signal.sigwait({signal.SIGUSR1})
     time.sleep(args.delay)
 
     length = args.pmds * PMD_SIZE

@@ -62,13 +62,16 @@ def test_doctor_exits_zero_and_shows_the_tiers() -> None:
 def test_record_with_pid_filter_then_report(tmp_path: Path, fast_khugepaged: dict) -> None:
     rec = tmp_path / "run.khrec"
     work = subprocess.Popen([sys.executable, "-m", "khmon.workload", "--pmds", "8",
-                             "--pattern", "full", "--delay", "5"], stdout=subprocess.PIPE,
+                             "--pattern", "full", "--wait-signal"], stdout=subprocess.PIPE,
                             text=True)
+    assert work.stdout is not None
+    assert json.loads(work.stdout.readline())["waiting"]  # its signal mask is set
     recorder = subprocess.Popen([*KHMON, "record", "-o", str(rec), "-p", str(work.pid)],
                                 stderr=subprocess.PIPE, text=True)
     try:
         _wait_attached(recorder)
-        out, _ = work.communicate(timeout=120)
+        work.send_signal(signal.SIGUSR1)
+        out, _ = work.communicate(timeout=300)
         recorder.send_signal(signal.SIGINT)
         assert recorder.wait(timeout=60) == 0
     finally:
