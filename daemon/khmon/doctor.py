@@ -79,7 +79,7 @@ def run_checks(trial: bool = True) -> list[Check]:
     btf: Btf | None = None
     try:
         btf = Btf.from_kernel()
-        add(Check("btf", "/sys/kernel/btf/vmlinux", "ok", f"{len(btf.types)} types"))
+        add(Check("btf", "/sys/kernel/btf/vmlinux", "ok", f"{btf.n_types} types"))
     except KhmonError as e:
         add(Check("btf", "/sys/kernel/btf/vmlinux", "fail", str(e)))
     if btf is not None:

@@ -64,6 +64,9 @@ class LiveProbes:
         # Counters count from before the first program can run: a base read after attaching
         # would subtract events whose records are nonetheless delivered.
         self._base = self._raw_counters()
+        # Repeats counted before this window (while attached for a previous one, or between
+        # compile and an earlier detach) are not this window's: take them as drained.
+        self.drain()
         self.attached = {}
         for lay in self.layouts:
             try:
