@@ -138,14 +138,31 @@ def run_checks(trial: bool = True) -> list[Check]:
             add(Check("thp", key, "info", settings[key]))
     sizes = sorted((p.name for p in THP.glob("hugepages-*kB")),
                    key=lambda n: int(n[len("hugepages-"):-2]))
-    enabled = [f"{n[len('hugepages-'):]}={selected(settings.get(n + '/enabled', '?'))}"
+    enabled = [f"{n[len('hugepages-'):]}={selected(settings.get(n + '/enabled', 'n/a'))}"
                for n in sizes]
     add(Check("thp", "mTHP sizes", "info", ", ".join(enabled) or "none"))
     stats = sorted({p.name for p in THP.glob("hugepages-*kB/stats/collapse_*")})
     add(Check("thp", "per-order collapse stats", "ok" if stats else "info",
               ", ".join(stats) if stats else "none (kernel predates per-order collapse stats)",
               "per_order_stats"))
+    checks.extend(_tier_summary(tiers(checks)))
     return checks
+
+
+def _tier_summary(t: dict[str, bool]) -> list[Check]:
+    """The probe tiers of DESIGN.md, as this kernel allows them."""
+    funcs = [k for k in ("kfunc", "kprobe") if t.get(k)]
+    bitmaps = [name for name, ok in (
+        ("kernel", t.get("mthp_present_ptes") and funcs),
+        ("ptwalk", t.get("kallsyms_data") and funcs),
+        ("pagemap", True), ("inferred", True)) if ok]
+    return [
+        Check("tier", "1 tracepoints", "info", "yes" if t.get("tracepoints") else
+              "no" if "tracepoints" in t else "not tried (--no-trial, or not root)"),
+        Check("tier", "2 function probes", "info", " and ".join(funcs) if funcs else
+              "none: tracepoints only"),
+        Check("tier", "3 bitmap sources", "info", ", ".join(bitmaps)),
+    ]
 
 
 def _trials(btf: Btf | None, syms: dict[str, str]) -> list[Check]:
