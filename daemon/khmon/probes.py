@@ -134,7 +134,24 @@ class LiveProbes:
             t = self.bpf[table.encode()]
             out[table] = {lay.name: int(t.sum(ctypes.c_int(lay.index)).value)
                           for lay in self.layouts}
+        out["missed"] = {lay.name: self._recursion_misses(lay.name) for lay in self.layouts}
         return out
+
+    def _recursion_misses(self, name: str) -> int:
+        """Runs of this event's program the kernel skipped because a BPF program was already
+        running on that CPU (prog->stats, in the prog fd's fdinfo since 5.12). khmon never saw
+        those events, so they are lost too, counted by the kernel rather than by khmon."""
+        fn = self.bpf.funcs.get(f"khmon_{name}".encode())
+        if fn is None:
+            return 0
+        try:
+            with open(f"/proc/self/fdinfo/{fn.fd}") as f:
+                for line in f:
+                    if line.startswith("recursion_misses:"):
+                        return int(line.split()[1])
+        except OSError:
+            pass
+        return 0
 
     def counters(self) -> dict[str, dict[str, int]]:
         """The exact in-kernel counters since attach(), summed over CPUs, per event name."""

@@ -33,7 +33,8 @@ def render_report(r: dict[str, Any]) -> str:
     ]
     acc = r["accounting"]
     lines += _table(["tracepoint", "events", "records", "lost"],
-                    [[n, c, acc[n]["records"], acc[n]["lost"]] for n, c in r["events"].items()])
+                    [[n, c, acc[n]["records"], acc[n]["lost"] + acc[n].get("missed", 0)]
+                     for n, c in r["events"].items()])
     c = r["collapse"]
     lines += ["", f"anon collapses: {c['attempts']} attempts, {c['succeeded']} succeeded",
               f"  by status: {_statuses(c['by_status'])}"]

@@ -88,6 +88,7 @@ class Aggregator:
         events = {name: sum(r[-1] for r in rs) for name, rs in rows.items()}
         probe = end.get("probe", {})
         lost = probe.get("lost", {})
+        missed = probe.get("missed", {})
         seen = probe.get("seen", {})
         accounting = {
             ec.lay.name: {
@@ -95,6 +96,7 @@ class Aggregator:
                 "recorded": events[ec.lay.name],
                 "records": ec.records,
                 "lost": lost.get(ec.lay.name, 0),
+                "missed": missed.get(ec.lay.name, 0),
                 "dedup_full": probe.get("dedup_full", {}).get(ec.lay.name, 0),
             }
             for ec in self.events
@@ -122,7 +124,8 @@ class Aggregator:
             "processes": _processes(rows),
             "kernel_counters": {"start": start_counters, "end": end_counters,
                                 "delta": counter_delta(start_counters, end_counters)},
-            "lost_events": sum(lost.values()),
+            # Refused by the ring buffer, plus probe runs the kernel skipped (recursion).
+            "lost_events": sum(lost.values()) + sum(missed.values()),
             "accounting": accounting,
             "warnings": list(warnings or []),
         }

@@ -93,9 +93,10 @@ def test_lost_and_accounting(report_6_18: dict) -> None:
     assert report_6_18["lost_events"] == 4
     acc = report_6_18["accounting"]
     assert acc["mm_khugepaged_scan_pmd"] == {"seen": 1010, "recorded": 1006, "records": 4,
-                                             "lost": 4, "dedup_full": 1, "unaccounted": 0}
+                                             "lost": 4, "missed": 0, "dedup_full": 1,
+                                             "unaccounted": 0}
     assert acc["mm_collapse_huge_page"] == {"seen": 2, "recorded": 2, "records": 2, "lost": 0,
-                                            "dedup_full": 0, "unaccounted": 0}
+                                            "missed": 0, "dedup_full": 0, "unaccounted": 0}
     # seen by the probes but neither recorded nor lost
     assert acc["mm_collapse_huge_page_isolate"]["unaccounted"] == 5
 
@@ -217,3 +218,15 @@ def test_pid_filter_in_report() -> None:
     r = Aggregator(h).result()
     assert r["filter"] == {"pid": 1234}
     assert ", pid 1234 only" in render_report(r).splitlines()[0]
+
+
+def test_kernel_skipped_runs_count_as_lost() -> None:
+    # recursion_misses from the prog's fdinfo: events khmon never saw, counted as lost.
+    header = capture_header("6.18", "6.18.44")
+    agg = Aggregator(header)
+    meta = stats_meta({"mm_collapse_huge_page": 0}, {"mm_collapse_huge_page": 2})
+    meta["probe"]["missed"] = {"mm_collapse_huge_page": 3}
+    agg.add(Part("E", meta=meta))
+    r = agg.result()
+    assert r["lost_events"] == 5
+    assert r["accounting"]["mm_collapse_huge_page"]["missed"] == 3
