@@ -197,7 +197,7 @@ def report(
                              "khmon report --live --duration 10", EXIT_BAD_INPUT)
         if recording is not None:
             reader = Reader(recording)
-            agg = Aggregator(reader.header)
+            agg = Aggregator(reader.header, reader.layouts)
             for part in reader.parts():
                 agg.add(part)
             warnings = reader.warnings

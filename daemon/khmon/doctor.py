@@ -161,7 +161,8 @@ def _tier_summary(t: dict[str, bool]) -> list[Check]:
               "no" if "tracepoints" in t else "not tried (--no-trial, or not root)"),
         Check("tier", "2 function probes", "info", " and ".join(funcs) if funcs else
               "none: tracepoints only"),
-        Check("tier", "3 bitmap sources", "info", ", ".join(bitmaps)),
+        Check("tier", "3 bitmap sources", "info", "this kernel allows " + ", ".join(bitmaps)
+              + " (khmon does not build per-PMD bitmaps yet)"),
     ]
 
 

@@ -149,9 +149,6 @@ class EventLayout:
         """A namedtuple named after the event, with the header and the kernel's field names."""
         return namedtuple(self.name, self.field_names)
 
-    def index_of(self, name: str) -> int:
-        return self.field_names.index(name)
-
 
 def is_hot(name: str) -> bool:
     """Scan events fire once per PMD or file range scanned (over a million a second at full

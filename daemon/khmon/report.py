@@ -67,9 +67,10 @@ class _EventCounts:
 class Aggregator:
     """Builds the report from the parts of one event stream."""
 
-    def __init__(self, header: dict) -> None:
+    def __init__(self, header: dict, layouts: list[EventLayout] | None = None) -> None:
+        """`layouts`: the ones the header describes, when the caller has them already."""
         self.header = header
-        self.layouts = layouts_from_header(header["events"])
+        self.layouts = layouts if layouts is not None else layouts_from_header(header["events"])
         self.events = [_EventCounts(lay) for lay in self.layouts]
         self.last_stats: dict | None = None
         self.ended = False

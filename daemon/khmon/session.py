@@ -148,7 +148,7 @@ def capture(cfg: ProbeConfig, duration: float | None, out: Path | None,
     else:
         cap = LiveCapture(cfg)
     header = cap.header()
-    agg = Aggregator(header)
+    agg = Aggregator(header, cap.layouts)
     writer = Writer(out, header) if out else None
     warnings = [f"could not attach {k}: {v}" for k, v in cap.probes.attached.items() if v]
     try:

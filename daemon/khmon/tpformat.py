@@ -40,10 +40,6 @@ class Field:
         """A __data_loc field is a u32 (len << 16 | offset) pointing at a dynamic string."""
         return self.ctype.startswith("__data_loc")
 
-    @property
-    def is_pointer(self) -> bool:
-        return self.ctype.rstrip().endswith("*")
-
 
 @dataclass(frozen=True)
 class EventFormat:

@@ -129,7 +129,7 @@ def test_unpack_scan_pmd_by_name() -> None:
     assert r.none_or_zero == -2  # signed:1 in the format
     assert r.status == 5
     assert r.unmapped == 7
-    assert lay.index_of("status") == len(HEADER_NAMES) + 4
+    assert lay.field_names.index("status") == len(HEADER_NAMES) + 4
     assert type(r).__name__ == "mm_khugepaged_scan_pmd"
 
 
@@ -161,7 +161,7 @@ def test_iter_unpack_several_records() -> None:
     lay = by_name(layouts("6.18"))["mm_collapse_huge_page"]
     data = b"".join(pack(lay.fmt, lay.index, owner_tgid=t, status=s)
                     for t, s in ((1, 1), (2, 14), (3, 0)))
-    got = [(r[lay.index_of("owner_tgid")], r[lay.index_of("status")])
+    got = [(r[lay.field_names.index("owner_tgid")], r[lay.field_names.index("status")])
            for r in lay.struct.iter_unpack(data)]
     assert got == [(1, 1), (2, 14), (3, 0)]
 
