@@ -22,6 +22,8 @@
  *   EVENT_CODE (per-event structs, maps and programs, generated from the format files).
  */
 
+#include <uapi/linux/ptrace.h>  /* struct pt_regs, for kprobes (function-probe tier) */
+
 struct khmon_hdr {
     u64 ts;
     u32 count;

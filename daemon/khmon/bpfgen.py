@@ -70,55 +70,83 @@ def _mm_expr(lay: EventLayout, src: str) -> list[str]:
     return ["    u64 mm = 0;", f"    __builtin_memcpy(&mm, &{src}.b[{off}], 8);"]
 
 
-def _event_code(lay: EventLayout) -> str:
+def _arg(mode: str, i: int) -> str:
+    """Function argument i: fentry programs get a u64 array, kprobes the saved registers."""
+    return f"ctx[{i}]" if mode == "kfunc" else f"PT_REGS_PARM{i + 1}(ctx)"
+
+
+def _fill(lay: EventLayout, mode: str, dst: str) -> list[str]:
+    """C statements that fill {dst}.b (and {dst}.s) with the event's fields."""
+    if lay.func is not None:
+        out = []
+        for c, f in zip(lay.func.captures, lay.fields, strict=False):
+            off = f.offset - COMMON_SIZE
+            if c.deref is None:
+                out.append(f"    {{ u64 a = {_arg(mode, c.arg)}; "
+                           f"__builtin_memcpy(&{dst}.b[{off}], &a, {f.size}); }}")
+            else:
+                out.append(f"    bpf_probe_read_kernel(&{dst}.b[{off}], {f.size}, "
+                           f"(void *)({_arg(mode, c.arg)} + {c.deref}));")
+        return out
+    if lay.raw:
+        # TP_PROTO arguments, each a u64 in ctx->args[]; keep the low `size` bytes.
+        return [f"    {{ u64 a = ctx->args[{i}]; "
+                f"__builtin_memcpy(&{dst}.b[{f.offset - COMMON_SIZE}], &a, {f.size}); }}"
+                for i, f in enumerate(lay.fields)]
+    # The trace entry, read in one go; its padding zeroed so equal payloads are equal keys.
+    return [f"    bpf_probe_read_kernel({dst}.b, sizeof({dst}.b), (char *)ctx + {COMMON_SIZE});",
+            *(f"    __builtin_memset(&{dst}.b[{off}], 0, {length});" for off, length in lay.gaps),
+            *_copy_strings(lay, dst)]
+
+
+def _sig(lay: EventLayout, mode: str, exit_: bool = False) -> str:
+    n = lay.name
+    if lay.func is not None:
+        if mode == "kfunc":  # bcc attaches fentry/fexit programs by these names
+            kind = "kretfunc" if exit_ else "kfunc"
+            return f"int {kind}__vmlinux__{lay.func.func}(unsigned long long *ctx)"
+        return f"int khmon_{'ret_' if exit_ else ''}{n}(struct pt_regs *ctx)"
+    if lay.raw:
+        return f"int khmon_{n}(struct bpf_raw_tracepoint_args *ctx)"
+    return f"int khmon_{n}(void *ctx)"
+
+
+_EMIT = [
+    "    khmon_fill_hdr(&r.h, ev, mm);",
+    "    if (khmon_excluded(&r.h, mm))",
+    "        return 0;",
+    "    seen.increment(ev);",
+    "    if (events.ringbuf_output(&r, sizeof(r), 0) != 0)",
+    "        lost.increment(ev);",
+    "    return 0;",
+    "}",
+]
+
+
+def _event_code(lay: EventLayout, mode: str) -> str:
     n, idx = lay.name, lay.index
     strs = f"    char s[{len(lay.strings)}][{STR_LEN}];\n" if lay.strings else ""
     lines = [
         f"/* {n}: body = format bytes {COMMON_SIZE}..{COMMON_SIZE + lay.body_size} */",
         f"struct rec_{n} {{\n    struct khmon_hdr h;\n    u8 b[{lay.body_size}];\n{strs}}};",
     ]
+    if lay.func is not None and lay.func.exit:
+        return "\n".join(lines + _exit_pair(lay, mode)) + "\n"
     if not lay.hot:
-        lines += [
-            f"int khmon_{n}(void *ctx)",
-            "{",
-            f"    struct rec_{n} r = {{}};",
-            f"    u32 ev = {idx};",
-            f"    bpf_probe_read_kernel(r.b, sizeof(r.b), (char *)ctx + {COMMON_SIZE});",
-            *_copy_strings(lay, "r"),
-            *_mm_expr(lay, "r"),
-            "    khmon_fill_hdr(&r.h, ev, mm);",
-            "    if (khmon_excluded(&r.h, mm))",
-            "        return 0;",
-            "    seen.increment(ev);",
-            "    if (events.ringbuf_output(&r, sizeof(r), 0) != 0)",
-            "        lost.increment(ev);",
-            "    return 0;",
-            "}",
-        ]
+        lines += [_sig(lay, mode), "{", f"    struct rec_{n} r = {{}};", f"    u32 ev = {idx};",
+                  *_fill(lay, mode, "r"), *_mm_expr(lay, "r"), *_EMIT]
         return "\n".join(lines) + "\n"
-    if lay.raw:
-        # TP_PROTO arguments, each a u64 in ctx->args[]; keep the low `size` bytes.
-        sig = f"int khmon_{n}(struct bpf_raw_tracepoint_args *ctx)"
-        fill = [f"    {{ u64 a = ctx->args[{i}]; "
-                f"__builtin_memcpy(&k.b[{f.offset - COMMON_SIZE}], &a, {f.size}); }}"
-                for i, f in enumerate(lay.fields)]
-    else:
-        # The trace entry, read in one go; its padding zeroed so equal payloads are equal keys.
-        sig = f"int khmon_{n}(void *ctx)"
-        fill = [f"    bpf_probe_read_kernel(k.b, sizeof(k.b), (char *)ctx + {COMMON_SIZE});",
-                *(f"    __builtin_memset(&k.b[{off}], 0, {length});" for off, length in lay.gaps),
-                *_copy_strings(lay, "k")]
     lines += [
         f"struct dkey_{n} {{\n    u32 tid;\n    u32 pad;\n    u8 b[{lay.body_size}];\n{strs}}};",
         f"struct dval_{n} {{\n    u64 repeats;\n    u32 excluded;\n    u32 pad;\n"
         f"    struct rec_{n} rec;\n}};",
         f"BPF_HASH(dedup_{n}, struct dkey_{n}, struct dval_{n}, DEDUP_ENTRIES);",
-        sig,
+        _sig(lay, mode),
         "{",
         f"    struct dkey_{n} k = {{}};",
         f"    u32 ev = {idx};",
         "    k.tid = (u32)bpf_get_current_pid_tgid();",
-        *fill,
+        *_fill(lay, mode, "k"),
         f"    struct dval_{n} *v = dedup_{n}.lookup(&k);",
         "    if (v) {",
         "        if (v->excluded)",
@@ -146,9 +174,48 @@ def _event_code(lay: EventLayout) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _exit_pair(lay: EventLayout, mode: str) -> list[str]:
+    """Entry stashes the arguments per thread; exit adds duration and result and sends."""
+    n, idx = lay.name, lay.index
+    dur = next(f for f in lay.fields if f.name == "duration_ns").offset - COMMON_SIZE
+    res = next(f for f in lay.fields if f.name == "result").offset - COMMON_SIZE
+    ret = f"ctx[{lay.func.nargs}]" if mode == "kfunc" else "PT_REGS_RC(ctx)"
+    return [
+        f"struct fstash_{n} {{\n    u64 ts;\n    u8 b[{lay.body_size}];\n}};",
+        f"BPF_HASH(fstash_{n}, u32, struct fstash_{n}, 4096);",
+        _sig(lay, mode),
+        "{",
+        f"    struct fstash_{n} s = {{}};",
+        "    u32 tid = (u32)bpf_get_current_pid_tgid();",
+        *_fill(lay, mode, "s"),
+        "    s.ts = bpf_ktime_get_ns();",
+        f"    fstash_{n}.update(&tid, &s);",
+        "    return 0;",
+        "}",
+        _sig(lay, mode, exit_=True),
+        "{",
+        "    u32 tid = (u32)bpf_get_current_pid_tgid();",
+        f"    struct fstash_{n} *s = fstash_{n}.lookup(&tid);",
+        "    if (!s)",
+        "        return 0;",
+        f"    struct rec_{n} r = {{}};",
+        f"    u32 ev = {idx};",
+        "    __builtin_memcpy(r.b, s->b, sizeof(r.b));",
+        "    u64 dur = bpf_ktime_get_ns() - s->ts;",
+        f"    int ret = (int){ret};",
+        f"    __builtin_memcpy(&r.b[{dur}], &dur, 8);",
+        f"    __builtin_memcpy(&r.b[{res}], &ret, 4);",
+        f"    fstash_{n}.delete(&tid);",
+        *_mm_expr(lay, "r"),
+        *_EMIT,
+    ]
+
+
 def generate(layouts: list[EventLayout], owner: OwnerOffsets, cfg: ProbeConfig,
-             text: str | None = None) -> str:
-    """The complete BPF C for these events, placeholders filled."""
+             text: str | None = None, func_mode: str | None = None) -> str:
+    """The complete BPF C for these events, placeholders filled. Function-probe events are
+    generated as fentry/fexit (func_mode "kfunc") or kprobes ("kprobe"), and left out when
+    func_mode is None."""
     text = template() if text is None else text
     values = {
         "NR_EVENTS": str(len(layouts)),
@@ -161,5 +228,6 @@ def generate(layouts: list[EventLayout], owner: OwnerOffsets, cfg: ProbeConfig,
         "TASK_COMM_OFF": str(owner.task_comm or 0),
     }
     defines = "".join(f"#define {key} {val}\n" for key, val in values.items())
-    code = "\n".join(_event_code(lay) for lay in layouts)
+    code = "\n".join(_event_code(lay, func_mode or "") for lay in layouts
+                     if lay.func is None or func_mode)
     return defines + re.sub(r"^EVENT_CODE$", lambda _: code, text, count=1, flags=re.M)

@@ -27,6 +27,7 @@ _TYPE = struct.Struct("<III")
 _U32 = struct.Struct("<I")
 _MEMBER = struct.Struct("<III")
 _PARAM = struct.Struct("<II")
+_ENUM = struct.Struct("<Ii")
 
 # BTF_KIND_* numbers, and the bytes each kind carries after its 12-byte btf_type
 # (per vlen entry where it depends on vlen).
@@ -158,6 +159,21 @@ class Btf:
                 found = self._find_member(inner, name)
                 if found is not None:
                     return bits + found[0], found[1]
+        return None
+
+    def enum_value(self, name: str) -> int | None:
+        """The value of the enum constant `name` (in any enum), or None."""
+        needle = b"\0" + name.encode() + b"\0"
+        at = self._data.find(needle, self._str0, self._str_end)
+        if at < 0:
+            return None
+        name_off = at + 1 - self._str0
+        for kind, _n, info, _s, pos in self._types:
+            if KINDS.get(kind) == "ENUM":
+                for i in range(info & 0xFFFF):
+                    off, val = _ENUM.unpack_from(self._data, pos + i * _ENUM.size)
+                    if off == name_off:
+                        return val
         return None
 
     def has_func(self, name: str) -> bool:

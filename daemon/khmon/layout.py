@@ -15,6 +15,7 @@ from collections import namedtuple
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 from .btf import Scalar
 from .tpformat import EventFormat, Field, parse_format
@@ -62,6 +63,7 @@ class EventLayout:
     fmt: EventFormat
     hot: bool  # deduplicated in the kernel: one record per distinct payload, then counts
     raw: bool = False  # a raw tracepoint: fields are the TP_PROTO arguments (see raw_format)
+    func: Any = None  # a funcprobes.FuncProbe: an event khmon makes from function probes
 
     @property
     def name(self) -> str:
@@ -175,15 +177,20 @@ def raw_format(fmt: EventFormat, params: list[tuple[str, Scalar | None]] | None
         return None
     if not set(fmt.symbols) <= {name for name, _ in args}:
         return None
-    fields: list[Field] = []
-    pos = COMMON_SIZE
-    for name, scalar in args:
-        assert scalar is not None
-        pos = (pos + scalar.size - 1) // scalar.size * scalar.size
-        fields.append(Field(name, scalar.ctype, pos, scalar.size, scalar.signed))
-        pos += scalar.size
+    specs = [(name, s.ctype, s.size, s.signed) for name, s in args if s is not None]
     common = tuple(f for f in fmt.fields if f.is_common)
-    return dataclasses.replace(fmt, fields=common + tuple(fields))
+    return dataclasses.replace(fmt, fields=common + fields_at(specs))
+
+
+def fields_at(specs: list[tuple[str, str, int, bool]]) -> tuple[Field, ...]:
+    """Fields (name, ctype, size, signed) laid out with natural alignment where a trace
+    entry's own fields start (after its 8-byte common header), as a C struct would."""
+    fields, pos = [], COMMON_SIZE
+    for name, ctype, size, signed in specs:
+        pos = (pos + size - 1) // size * size
+        fields.append(Field(name, ctype, pos, size, signed))
+        pos += size
+    return tuple(fields)
 
 
 def build_layouts(formats: list[EventFormat],
@@ -204,12 +211,18 @@ def layouts_from_header(events: list[dict]) -> list[EventLayout]:
     (and, for raw tracepoints, the argument layout it used)."""
     out = []
     for i, e in enumerate(events):
-        fmt = parse_format(e["format"], e.get("system", ""))
         raw = e.get("raw_args")
-        if raw is not None:
-            common = tuple(f for f in fmt.fields if f.is_common)
-            fmt = dataclasses.replace(fmt, fields=common + tuple(Field(*a) for a in raw))
-        out.append(EventLayout(i, fmt, bool(e["hot"]), raw is not None))
+        if e.get("format"):
+            fmt = parse_format(e["format"], e.get("system", ""))
+            if raw is not None:
+                common = tuple(f for f in fmt.fields if f.is_common)
+                fmt = dataclasses.replace(fmt, fields=common + tuple(Field(*a) for a in raw))
+        else:  # a function-probe event: its fields and value names are in the header
+            symbols = {k: {int(n): v for n, v in t.items()} for k, t in e["symbols"].items()}
+            fmt = EventFormat(e["system"], e["name"], -1, tuple(Field(*a) for a in e["fields"]),
+                              symbols, "")
+        out.append(EventLayout(i, fmt, bool(e["hot"]), raw is not None,
+                               e.get("probe") or None))
     return out
 
 
@@ -218,7 +231,11 @@ def header_events(layouts: list[EventLayout]) -> list[dict]:
     out = []
     for lay in layouts:
         e = {"name": lay.name, "system": lay.fmt.system, "hot": lay.hot, "format": lay.fmt.text}
+        fields = [[f.name, f.ctype, f.offset, f.size, f.signed] for f in lay.fields]
         if lay.raw:
-            e["raw_args"] = [[f.name, f.ctype, f.offset, f.size, f.signed] for f in lay.fields]
+            e["raw_args"] = fields
+        if lay.func is not None:
+            e.update(fields=fields, symbols=lay.fmt.symbols,
+                     probe=f"{lay.func.func}{' entry+exit' if lay.func.exit else ' entry'}")
         out.append(e)
     return out

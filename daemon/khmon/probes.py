@@ -20,6 +20,9 @@ from .errors import KhmonError
 from .layout import EVENT_INDEX_OFFSET, HEADER_STRUCT, EventLayout
 from .tracefs import SYSTEM
 
+# Kernel headers of another version than the running one warn in ways that do not matter:
+# khmon takes nothing from them but bcc's helper definitions and struct pt_regs.
+CFLAGS = ["-Wno-macro-redefined", "-Wno-ignored-attributes", "-Wno-duplicate-decl-specifier"]
 # The header starts with ts (u64) and count (u32); a drain rewrites both.
 _TS_COUNT = struct.Struct("<" + HEADER_STRUCT.format[1:3])
 
@@ -40,23 +43,49 @@ class LiveProbes:
                  with_kprobe_stub: bool = False) -> None:
         if os.geteuid() != 0:
             raise KhmonError("live capture needs root (BPF and tracefs)", "run with sudo")
-        self.layouts = layouts
         # doctor's kprobe trial rides along in the same program: compiling takes ~30 s in a
         # TCG guest, so every compile saved counts.
         stub = "\nint khmon_kprobe_stub(void *ctx) { return 0; }\n" if with_kprobe_stub else ""
-        self.source = generate(layouts, owner, cfg) + stub
         BPF = _import_bcc()
-        try:
-            self.bpf = BPF(text=self.source, cflags=["-Wno-macro-redefined", "-Wno-ignored-attributes"])
-        except Exception as e:  # bcc raises bare Exception on compile and load errors
-            raise KhmonError(f"BPF compile/load failed: {str(e).splitlines()[0]}",
-                             "run khmon doctor; kernel headers for bcc come from make setup") from e
+        # Function probes: fentry/fexit where the kernel loads them, else kprobes, else none
+        # (a failed fentry load fails the whole object, so each choice is a compile).
+        has_funcs = any(lay.func is not None for lay in layouts)
+        self.func_errors: dict[str, str] = {}
+        self.func_mode: str | None = None
+        for mode in (("kfunc", "kprobe", None) if has_funcs else (None,)):
+            self.source = generate(layouts, owner, cfg, func_mode=mode) + stub
+            try:
+                with _quiet_stderr() if mode == "kfunc" else contextlib.nullcontext():
+                    self.bpf = BPF(text=self.source, cflags=CFLAGS)
+            except Exception as e:  # bcc raises bare Exception on compile and load errors
+                if mode is None:
+                    raise KhmonError(f"BPF compile/load failed: {str(e).splitlines()[0]}",
+                                     "run khmon doctor; kernel headers for bcc come from make "
+                                     "setup") from e
+                self.func_errors[mode] = _err_text(e)
+                continue
+            self.func_mode = mode
+            break
+        if self.func_mode == "kfunc":
+            # bcc attaches fentry programs as it loads them; windows attach them in attach().
+            for lay in layouts:
+                if lay.func is not None:
+                    self._detach_func(lay)
+        self.layouts = [lay for lay in layouts if lay.func is None or self.func_mode]
         self._pending: list[bytes] = []
         self.bpf[b"events"].open_ring_buffer(self._on_record)
         self._drained: dict[tuple[int, bytes], int] = {}
         self._base: dict[str, dict[str, int]] = {}
         self.attached: dict[str, str | None] = {}
         self.attach()
+        funcs = [lay for lay in self.layouts if lay.func is not None]
+        if funcs and all(self.attached[lay.name] for lay in funcs):
+            # Compiled but not attachable (no CONFIG_KPROBES): tracepoints only.
+            self.func_errors[self.func_mode or ""] = str(self.attached[funcs[0].name])
+            self.func_mode = None
+            for lay in funcs:
+                del self.attached[lay.name]
+            self.layouts = [lay for lay in self.layouts if lay.func is None]
 
     def attach(self) -> None:
         """Attach every program; the in-kernel counters count from here. Called again after
@@ -71,19 +100,47 @@ class LiveProbes:
         for lay in self.layouts:
             try:
                 fn = f"khmon_{lay.name}".encode()
-                if lay.raw:
+                if lay.func is not None:
+                    with _quiet_stderr():  # libbcc prints refusals itself; they are data here
+                        self._attach_func(lay)
+                elif lay.raw:
                     self.bpf.attach_raw_tracepoint(tp=lay.name.encode(), fn_name=fn)
                 else:
                     self.bpf.attach_tracepoint(tp=f"{SYSTEM}:{lay.name}".encode(), fn_name=fn)
                 self.attached[lay.name] = None
             except Exception as e:
                 self.attached[lay.name] = _err_text(e)
-        if not any(v is None for v in self.attached.values()):
+        if not any(v is None for lay in self.layouts if lay.func is None
+                   for v in [self.attached[lay.name]]):
             self.bpf.cleanup()
             raise KhmonError("could not attach to any khugepaged tracepoint: "
                              + "; ".join(f"{k}: {v}" for k, v in self.attached.items()),
                              "run khmon doctor")
         self.detached = False
+
+    def _attach_func(self, lay: EventLayout) -> None:
+        f = lay.func
+        if self.func_mode == "kfunc":
+            self.bpf.attach_kfunc(fn_name=f"kfunc__vmlinux__{f.func}".encode())
+            if f.exit:
+                self.bpf.attach_kretfunc(fn_name=f"kretfunc__vmlinux__{f.func}".encode())
+        else:
+            self.bpf.attach_kprobe(event=f.func.encode(), fn_name=f"khmon_{lay.name}".encode())
+            if f.exit:
+                self.bpf.attach_kretprobe(event=f.func.encode(),
+                                          fn_name=f"khmon_ret_{lay.name}".encode())
+
+    def _detach_func(self, lay: EventLayout) -> None:
+        f = lay.func
+        with contextlib.suppress(Exception):
+            if self.func_mode == "kfunc":
+                self.bpf.detach_kfunc(fn_name=f"kfunc__vmlinux__{f.func}".encode())
+                if f.exit:
+                    self.bpf.detach_kretfunc(fn_name=f"kretfunc__vmlinux__{f.func}".encode())
+            else:
+                self.bpf.detach_kprobe(event=f.func.encode())
+                if f.exit:
+                    self.bpf.detach_kretprobe(event=f.func.encode())
 
     def _on_record(self, _ctx, data, size) -> None:
         self._pending.append(ctypes.string_at(data, size))
@@ -141,17 +198,25 @@ class LiveProbes:
         """Runs of this event's program the kernel skipped because a BPF program was already
         running on that CPU (prog->stats, in the prog fd's fdinfo since 5.12). khmon never saw
         those events, so they are lost too, counted by the kernel rather than by khmon."""
-        fn = self.bpf.funcs.get(f"khmon_{name}".encode())
-        if fn is None:
-            return 0
-        try:
-            with open(f"/proc/self/fdinfo/{fn.fd}") as f:
-                for line in f:
-                    if line.startswith("recursion_misses:"):
-                        return int(line.split()[1])
-        except OSError:
-            pass
-        return 0
+        lay = next(lay for lay in self.layouts if lay.name == name)
+        if lay.func is None:
+            progs = [f"khmon_{name}"]
+        elif self.func_mode == "kfunc":
+            progs = [f"kfunc__vmlinux__{lay.func.func}", f"kretfunc__vmlinux__{lay.func.func}"]
+        else:
+            progs = [f"khmon_{name}", f"khmon_ret_{name}"]
+        total = 0
+        for prog in progs:
+            fn = self.bpf.funcs.get(prog.encode())
+            if fn is None:
+                continue
+            try:
+                with open(f"/proc/self/fdinfo/{fn.fd}") as f:
+                    total += next((int(line.split()[1]) for line in f
+                                   if line.startswith("recursion_misses:")), 0)
+            except OSError:
+                pass
+        return total
 
     def counters(self) -> dict[str, dict[str, int]]:
         """The exact in-kernel counters since attach(), summed over CPUs, per event name."""
@@ -163,7 +228,9 @@ class LiveProbes:
         """Stop new events, then collect what is still in the ring buffer."""
         if not self.detached:
             for lay in self.layouts:
-                if self.attached.get(lay.name) is None:
+                if lay.func is not None:
+                    self._detach_func(lay)
+                elif self.attached.get(lay.name) is None:
                     with contextlib.suppress(Exception):
                         if lay.raw:
                             self.bpf.detach_raw_tracepoint(tp=lay.name.encode())
@@ -197,8 +264,7 @@ def try_kfunc(func: str) -> str | None:
     b = None
     with _quiet_stderr():
         try:
-            b = BPF(text=f"KFUNC_PROBE({func}) {{ return 0; }}",
-                    cflags=["-Wno-macro-redefined", "-Wno-ignored-attributes"])
+            b = BPF(text=f"KFUNC_PROBE({func}) {{ return 0; }}", cflags=CFLAGS)
             return None
         except Exception as e:  # the error is the answer
             err = _err_text(e)

@@ -57,6 +57,7 @@ def render_report(r: dict[str, Any]) -> str:
                           p["collapses"]] for p in r["processes"][:15]])
         if len(r["processes"]) > 15:
             lines.append(f"  ... {len(r['processes']) - 15} more (see --json)")
+    lines += ["", *_functions(r["functions"])]
     delta = {n: v for n, v in r["kernel_counters"]["delta"].items() if v}
     lines += ["", "kernel counters, change over the window (zero ones omitted; all in --json)"]
     lines += _table(["counter", "delta"], [[n, v] for n, v in delta.items()]) if delta else [
@@ -67,3 +68,23 @@ def render_report(r: dict[str, Any]) -> str:
                  " (every event the probes saw is in the counts or counted as lost)")]
     lines += [f"warning: {wmsg}" for wmsg in r["warnings"]]
     return "\n".join(lines)
+
+
+def _functions(f: dict[str, Any]) -> list[str]:
+    if not f.get("mode"):
+        refused = " and ".join(f.get("refused", {})) or "nothing"
+        return [f"function probes: none on this kernel, tracepoints only ({refused} refused; "
+                "why in --json functions.refused)"]
+    lines = [f"function probes ({f['mode']})"]
+    c = f.get("collapse_huge_page")
+    if c:
+        lines.append(f"  collapse_huge_page: {c['calls']} calls, {c['seconds'] * 1e3:.3f} ms in "
+                     f"all; results: {_statuses(c['by_result'])}")
+        lines += _table(["order", "calls", "succeeded", "ms", "max us"],
+                        [[o, v["calls"], v["succeeded"], f"{v['seconds'] * 1e3:.3f}",
+                          f"{v['max_ns'] / 1e3:.1f}"] for o, v in c["by_order"].items()])
+    p = f.get("pmd_scans")
+    if p:
+        flags = ", ".join(f"{k} {v}" for k, v in p["by_vma_flag"].items()) or "flag bits unknown"
+        lines.append(f"  per-PMD scans: {p['calls']}; in VMAs with {flags}")
+    return lines

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
+from . import funcprobes
 from .bpfgen import OwnerOffsets, ProbeConfig
 from .btf import Btf
 from .errors import EXIT_BAD_INPUT, KhmonError
@@ -59,8 +60,14 @@ class LiveCapture:
     def __init__(self, cfg: ProbeConfig, with_kprobe_stub: bool = False) -> None:
         self.cfg = cfg
         btf = Btf.from_kernel()
-        self.layouts = kernel_layouts(btf)
+        layouts = kernel_layouts(btf)
         self.owner = owner_offsets(btf)
+        self.vma_flags = funcprobes.vma_flag_bits(btf)
+        status = next((lay.fmt.symbols.get("status", {}) for lay in layouts
+                       if lay.name == "mm_collapse_huge_page"), {})
+        funcs = funcprobes.plan(btf, funcprobes.kallsyms_text(
+            (*funcprobes.PMD_ENTRY_FUNCS, funcprobes.COLLAPSE_FUNC)))
+        layouts += funcprobes.layouts(funcs, len(layouts), status)
         if cfg.filter_tgid and not self.owner.usable:
             raise KhmonError("-p PID needs mm->owner to tell whose memory a scan is, and this "
                              "kernel's BTF has no mm_struct.owner (CONFIG_MEMCG off)",
@@ -69,7 +76,8 @@ class LiveCapture:
         # window encloses khmon's: on a busy system their deltas may exceed khmon's counts,
         # never fall short of them.
         self.start_counters = read_counters()
-        self.probes = LiveProbes(self.layouts, self.owner, cfg, with_kprobe_stub)
+        self.probes = LiveProbes(layouts, self.owner, cfg, with_kprobe_stub)
+        self.layouts = self.probes.layouts  # without function probes the kernel refused
 
     def header(self) -> dict:
         return {
@@ -86,6 +94,9 @@ class LiveCapture:
             "owner_source": "mm->owner (BTF offsets)" if self.owner.usable
             else "unavailable: no mm_struct.owner in BTF (kernel without CONFIG_MEMCG)",
             "options": {**asdict(self.cfg), "pid": self.cfg.filter_tgid},
+            "function_probes": {"mode": self.probes.func_mode,
+                                "refused": self.probes.func_errors},
+            "vma_flag_bits": self.vma_flags,
             "settings": read_settings(),
             "counters": self.start_counters,
             "recorder_pid": os.getpid(),

@@ -63,6 +63,28 @@ def anon_huge_kb(start: int, length: int) -> int:
     return total
 
 
+# userfaultfd(2) on x86-64, and the two ioctls of linux/userfaultfd.h it needs.
+SYS_USERFAULTFD = 323
+UFFD_API = 0xAA
+UFFDIO_API = 0xC018AA3F  # struct uffdio_api {u64 api, features, ioctls}
+UFFDIO_REGISTER = 0xC020AA00  # struct uffdio_register {u64 start, len, mode, ioctls}
+UFFDIO_REGISTER_MODE_MISSING = 1
+
+
+def _uffd_register(start: int, length: int) -> int:
+    """Arm [start, start+length) with userfaultfd in missing mode; returns the uffd."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.syscall(SYS_USERFAULTFD, os.O_CLOEXEC | os.O_NONBLOCK)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "userfaultfd")
+    api = (ctypes.c_uint64 * 3)(UFFD_API, 0, 0)
+    reg = (ctypes.c_uint64 * 4)(start, length, UFFDIO_REGISTER_MODE_MISSING, 0)
+    for req, arg in ((UFFDIO_API, api), (UFFDIO_REGISTER, reg)):
+        if libc.ioctl(fd, ctypes.c_ulong(req), ctypes.byref(arg)) != 0:
+            raise OSError(ctypes.get_errno(), f"ioctl {req:#x}")
+    return fd
+
+
 def full_scans() -> int:
     """khugepaged/full_scans: completed passes of khugepaged over every registered mm."""
     return int((KHUGEPAGED / "full_scans").read_text())
@@ -82,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds to keep the memory after the wait (for scans to repeat)")
     ap.add_argument("--delay", type=float, default=0.0,
                     help="seconds to wait before touching memory (lets a tracer attach first)")
+    ap.add_argument("--uffd", action="store_true",
+                    help="register the regions with userfaultfd (missing mode) before "
+                    "madvise: the VMA is then userfaultfd-armed")
     ap.add_argument("--wait-signal", action="store_true",
                     help="wait for SIGUSR1 before touching memory (lets a tracer that needs "
                     "this pid, like khmon record -p, attach first)")
@@ -105,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         for i, present in enumerate(bits):
             if present:
                 m[off + p * PMD_SIZE + i * PAGE] = 1
-    m.madvise(mmap.MADV_HUGEPAGE, off, length)
     start = base + off
+    uffd = _uffd_register(start, length) if args.uffd else None
+    m.madvise(mmap.MADV_HUGEPAGE, off, length)
     print(json.dumps({"ready": True, "pid": os.getpid(), "comm": COMM.decode(),
                       "start": hex(start), "pmds": args.pmds, "pattern": args.pattern}),
           flush=True)
@@ -119,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     time.sleep(args.hold)
     huge = anon_huge_kb(start, length)
     print(json.dumps({"done": True, "collapsed_pmds": huge * 1024 // PMD_SIZE}), flush=True)
+    if uffd is not None:
+        os.close(uffd)
     del m
     return 0
 

@@ -1,0 +1,168 @@
+"""Function probes (tier 2): the per-PMD entry and collapse_huge_page, where the kernel allows.
+
+Tracepoints do not say which PMD khugepaged scanned, in which VMA, or how long a collapse
+took. Function probes do: on the per-PMD entry (collapse_single_pmd on 7.2,
+hpage_collapse_scan_pmd on 6.1-6.18, collapse_scan_pmd where a kernel has it uninlined) khmon
+records the mm, the PMD address and the VMA's start, end and flags; on collapse_huge_page
+entry and exit, the start address, the order (an argument since the mTHP collapse series),
+the result and the duration.
+
+Everything is read from the running kernel: which function exists (BTF and kallsyms), each
+argument's position (BTF parameter names), struct offsets (BTF), the userfaultfd flag bits
+(BTF's VMA_*_BIT enum on 7.2, else the running kernel's own headers). This module only plans;
+bpfgen writes the C, and probes.py tries fentry first and kprobes second.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .btf import Btf
+from .layout import EventLayout, fields_at
+from .tpformat import EventFormat
+
+SYSTEM = "khmon"
+PMD_SCAN, COLLAPSE = "fn_pmd_scan", "fn_collapse"
+# Per-PMD entry candidates, newest first (the mTHP series renamed and then split the scan).
+PMD_ENTRY_FUNCS = ("collapse_single_pmd", "collapse_scan_pmd", "hpage_collapse_scan_pmd")
+COLLAPSE_FUNC = "collapse_huge_page"
+ADDRESS_PARAMS = ("address", "addr", "start_addr")
+VMA_FLAG_NAMES = ("UFFD_MISSING", "UFFD_WP", "UFFD_MINOR", "HUGEPAGE")
+
+
+@dataclass(frozen=True)
+class Capture:
+    """One recorded field: an argument, or a u64 read at an offset from a pointer argument."""
+
+    field: str
+    arg: int  # index of the function argument
+    deref: int | None = None  # byte offset read from the argument (a pointer), if any
+    size: int = 8
+    signed: bool = False
+
+
+@dataclass(frozen=True)
+class FuncProbe:
+    """A khmon event produced by probing a kernel function."""
+
+    event: str
+    func: str
+    nargs: int
+    captures: tuple[Capture, ...]
+    exit: bool  # pair entry with exit: duration_ns and result (the return value)
+    mm: Capture | None  # how to find the mm, for the owning process
+
+
+def kallsyms_text(names: tuple[str, ...]) -> set[str]:
+    """Which of these names /proc/kallsyms lists (an inlined function is in BTF only if
+    some copy survived, and attaching needs the symbol)."""
+    wanted, found = set(names), set()
+    try:
+        with open("/proc/kallsyms") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3 and parts[2] in wanted:
+                    found.add(parts[2])
+    except OSError:
+        pass
+    return found
+
+
+def _find(btf: Btf, kallsyms: set[str], names: tuple[str, ...]) -> tuple[str, list] | None:
+    for name in names:
+        params = btf.func_params(name)
+        if params is not None and name in kallsyms:
+            return name, params
+    return None
+
+
+def plan(btf: Btf, kallsyms: set[str]) -> list[FuncProbe]:
+    """The function probes this kernel allows; empty when it has none of the functions."""
+    vma = {m: btf.member_offset("vm_area_struct", m) for m in ("vm_start", "vm_end", "vm_flags",
+                                                                 "vm_mm")}
+    out: list[FuncProbe] = []
+    found = _find(btf, kallsyms, PMD_ENTRY_FUNCS)
+    if found and None not in vma.values():
+        func, params = found
+        names = [p for p, _ in params]
+        addr = next((names.index(n) for n in ADDRESS_PARAMS if n in names), None)
+        if "vma" in names and addr is not None:
+            v = names.index("vma")
+            mm = (Capture("mm", names.index("mm")) if "mm" in names
+                  else Capture("mm", v, vma["vm_mm"]))
+            out.append(FuncProbe(PMD_SCAN, func, len(params), (
+                mm, Capture("address", addr), Capture("vm_start", v, vma["vm_start"]),
+                Capture("vm_end", v, vma["vm_end"]), Capture("vm_flags", v, vma["vm_flags"]),
+            ), exit=False, mm=mm))
+    found = _find(btf, kallsyms, (COLLAPSE_FUNC,))
+    if found:
+        func, params = found
+        names = [p for p, _ in params]
+        addr = next((names.index(n) for n in ADDRESS_PARAMS if n in names), None)
+        if "mm" in names and addr is not None:
+            mm = Capture("mm", names.index("mm"))
+            caps = [mm, Capture("address", addr)]
+            if "order" in names:
+                caps.append(Capture("order", names.index("order"), size=4))
+            out.append(FuncProbe(COLLAPSE, func, len(params), tuple(caps), exit=True, mm=mm))
+    return out
+
+
+def layouts(probes: list[FuncProbe], first_index: int, result_names: dict[int, str]
+            ) -> list[EventLayout]:
+    """Record layouts of the function events, numbered after the tracepoint events.
+    collapse results are enum scan_result, named by the tracepoints' status table."""
+    out = []
+    for i, p in enumerate(probes):
+        specs = [(c.field, "struct mm_struct *" if c.field == "mm" else
+                  "u64" if c.size == 8 else "u32", c.size, c.signed) for c in p.captures]
+        symbols = {}
+        if p.exit:
+            specs += [("duration_ns", "u64", 8, False), ("result", "int", 4, True)]
+            symbols = {"result": dict(result_names)}
+        fmt = EventFormat(SYSTEM, p.event, -1, fields_at(specs), symbols, "")
+        out.append(EventLayout(first_index + i, fmt, hot=not p.exit, func=p))
+    return out
+
+
+def vma_flag_bits(btf: Btf, release: str | None = None) -> dict[str, int]:
+    """VM_UFFD_MISSING, VM_UFFD_WP, VM_UFFD_MINOR and VM_HUGEPAGE as masks, by lower-case
+    name, from BTF's VMA_<NAME>_BIT enum (7.2) or else the running kernel's own headers
+    (include/linux/mm.h), and only when those headers are this kernel's. A flag missing from
+    the result is one khmon could not learn on this kernel; it is never guessed."""
+    out: dict[str, int] = {}
+    for name in VMA_FLAG_NAMES:
+        bit = btf.enum_value(f"VMA_{name}_BIT")
+        if bit is not None:
+            out[name.lower()] = 1 << bit
+    if len(out) == len(VMA_FLAG_NAMES):
+        return out
+    release = release or platform.release()
+    mods = Path("/lib/modules") / release
+    if release not in (mods / "build").resolve().name:
+        return out
+    text = ""
+    for half in ("source", "build"):
+        try:
+            text = (mods / half / "include/linux/mm.h").read_text()
+            break
+        except OSError:
+            continue
+    try:
+        autoconf = (mods / "build/include/generated/autoconf.h").read_text()
+    except OSError:
+        autoconf = ""
+    for name in VMA_FLAG_NAMES:
+        m = re.search(rf"^#\s*define\s+VM_{name}\s+(0x[0-9a-fA-F]+)\b", text, re.M)
+        if m:
+            out.setdefault(name.lower(), int(m.group(1), 16))
+            continue
+        b = re.search(rf"^#\s*define\s+VM_{name}_BIT\s+(\d+)\b", text, re.M)
+        # VM_UFFD_MINOR is VM_NONE unless the architecture supports minor faults.
+        if b and (name != "UFFD_MINOR" or
+                  "CONFIG_HAVE_ARCH_USERFAULTFD_MINOR 1" in autoconf):
+            out.setdefault(name.lower(), 1 << int(b.group(1)))
+    return out

@@ -1,0 +1,57 @@
+"""Function probes (fentry/fexit or kprobes) where the kernel allows them, checked against
+the tracepoints of the same window and against a userfaultfd-armed workload."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from khmon.session import LiveCapture
+
+pytestmark = pytest.mark.live
+
+
+def _expected() -> set[str]:
+    return {t for t in os.environ.get("KHMON_EXPECT_TIERS", "").split(",") if t}
+
+
+def test_function_tier_is_what_the_kernel_allows(live_capture: LiveCapture) -> None:
+    mode = live_capture.probes.func_mode
+    if "kfunc" in _expected():
+        assert mode == "kfunc", live_capture.probes.func_errors
+    if "tracepoints_only" in _expected():
+        assert mode is None
+        assert set(live_capture.probes.func_errors) == {"kfunc", "kprobe"}
+    if mode is None:
+        assert not any(lay.func for lay in live_capture.layouts)
+
+
+def test_collapse_calls_match_the_tracepoint(live_capture: LiveCapture, run_workloads) -> None:
+    if live_capture.probes.func_mode is None:
+        pytest.skip("no function probes on this kernel (the tier test covers that)")
+    report, (w,) = run_workloads([["--pmds", "8", "--pattern", "full"]])
+    fn = report["functions"]["collapse_huge_page"]
+    # Every collapse_huge_page call fires mm_collapse_huge_page once, with the same result.
+    assert fn["calls"] == report["collapse"]["attempts"] >= 8
+    assert fn["by_result"].get("succeeded", 0) == report["collapse"]["succeeded"]
+    assert report["collapse"]["succeeded"] == report["kernel_counters"]["delta"][
+        "khugepaged/pages_collapsed"]
+    assert fn["seconds"] > 0
+    scans = report["functions"]["pmd_scans"]
+    mine = next(p for p in report["processes"] if p["pid"] == w["pid"])
+    assert scans["calls"] >= mine["scans"] > 0
+    assert scans["by_vma_flag"]["hugepage"] >= mine["scans"]  # MADV_HUGEPAGE VMAs
+
+
+def test_userfaultfd_armed_vma_is_flagged(live_capture: LiveCapture, run_workloads) -> None:
+    if live_capture.probes.func_mode is None:
+        pytest.skip("no function probes on this kernel (the tier test covers that)")
+    report, (w,) = run_workloads(
+        [["--pmds", "4", "--pattern", "every4th-empty", "--uffd"]])
+    scans = report["functions"]["pmd_scans"]
+    mine = next(p for p in report["processes"] if p["pid"] == w["pid"])
+    # Ground truth: the workload armed its VMA; every scan of its PMDs is in a uffd VMA.
+    assert scans["uffd_armed"] >= mine["scans"] >= 4
+    assert scans["by_vma_flag"]["uffd_missing"] >= mine["scans"]
+    assert w["collapsed_pmds"] == 0
