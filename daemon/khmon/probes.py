@@ -56,7 +56,7 @@ class LiveProbes:
             self.source = generate(layouts, owner, cfg, func_mode=mode) + stub
             try:
                 with _quiet_stderr() if mode == "kfunc" else contextlib.nullcontext():
-                    self.bpf = BPF(text=self.source, cflags=CFLAGS)
+                    self.bpf = BPF(text=self.source.encode(), cflags=CFLAGS)
             except Exception as e:  # bcc raises bare Exception on compile and load errors
                 if mode is None:
                     raise KhmonError(f"BPF compile/load failed: {str(e).splitlines()[0]}",
@@ -264,7 +264,7 @@ def try_kfunc(func: str) -> str | None:
     b = None
     with _quiet_stderr():
         try:
-            b = BPF(text=f"KFUNC_PROBE({func}) {{ return 0; }}", cflags=CFLAGS)
+            b = BPF(text=f"KFUNC_PROBE({func}) {{ return 0; }}".encode(), cflags=CFLAGS)
             return None
         except Exception as e:  # the error is the answer
             err = _err_text(e)
