@@ -242,16 +242,20 @@ def run_none(ctx: Context, w: Window) -> None:
     m.stop()
 
 
-def run_bpftrace(ctx: Context, w: Window) -> None:
+def start_bpftrace() -> subprocess.Popen[str]:
+    """bpftrace's count() on the scan event, returned once it says it is attaching."""
     proc = subprocess.Popen(["bpftrace", "-e", BPFTRACE_PROG], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("Attaching"):
+            return proc
+    raise RuntimeError(f"bpftrace exited ({proc.wait()}) before attaching")
+
+
+def run_bpftrace(ctx: Context, w: Window) -> None:
+    proc = start_bpftrace()
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if line.startswith("Attaching"):
-                break
-        else:
-            raise RuntimeError(f"bpftrace exited ({proc.wait()}) before attaching")
         wait_attached(proc.pid)
         attached = time.monotonic()
         time.sleep(SETTLE_S)
@@ -388,13 +392,8 @@ def cost_khmon(seconds: float) -> tuple[int, int]:
 
 
 def cost_bpftrace(seconds: float) -> tuple[int, int]:
-    proc = subprocess.Popen(["bpftrace", "-e", BPFTRACE_PROG], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = start_bpftrace()
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if line.startswith("Attaching"):
-                break
         ids = wait_attached(proc.pid)
         time.sleep(seconds)
         return prog_stats(ids)
