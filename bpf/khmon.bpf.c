@@ -12,9 +12,10 @@
  *
  * Scan events (once per PMD scanned; over a million a second at full speed) are
  * deduplicated here: the first occurrence of a (thread, payload) pair is sent, repeats only
- * bump `repeats` in the dedup map, which user space drains as counted records. Every probe
- * hit is counted in `seen`, every record the ring buffer refused in `lost`, every payload
- * the full dedup map could not hold in `dedup_full`: nothing is dropped uncounted.
+ * bump `repeats` in the dedup map, which user space drains as counted records. Every other
+ * probe hit is counted in `seen` (user space adds the repeats), every record the ring buffer
+ * refused in `lost`, every payload the full dedup map could not hold in `dedup_full`:
+ * nothing is dropped uncounted.
  *
  * Placeholders filled at load time by khmon/bpfgen.py:
  *   NR_EVENTS, RINGBUF_PAGES, DEDUP_ENTRIES, FILTER_TGID (0: all), HAVE_OWNER,

@@ -75,6 +75,7 @@ class LiveProbes:
         self._pending: list[bytes] = []
         self.bpf[b"events"].open_ring_buffer(self._on_record)
         self._drained: dict[tuple[int, bytes], int] = {}
+        self._repeats: dict[str, int] = {}  # per hot event: repeats in its map at last drain
         self._base: dict[str, dict[str, int]] = {}
         self.attached: dict[str, str | None] = {}
         self.attach()
@@ -92,10 +93,10 @@ class LiveProbes:
         detach() to open another window without recompiling (slow in TCG guests)."""
         # Counters count from before the first program can run: a base read after attaching
         # would subtract events whose records are nonetheless delivered.
-        self._base = self._raw_counters()
         # Repeats counted before this window (while attached for a previous one, or between
         # compile and an earlier detach) are not this window's: take them as drained.
         self.drain()
+        self._base = self._raw_counters()
         self.attached = {}
         for lay in self.layouts:
             try:
@@ -171,9 +172,11 @@ class LiveProbes:
             except Exception:
                 items = table.items()
             chunks = []
+            total = 0
             for k, v in items:
                 if v.excluded:
                     continue
+                total += v.repeats
                 key = (lay.index, bytes(k))
                 delta = v.repeats - self._drained.get(key, 0)
                 if delta > 0:
@@ -181,6 +184,7 @@ class LiveProbes:
                     rec = bytearray(bytes(v.rec))
                     _TS_COUNT.pack_into(rec, 0, now, delta)
                     chunks.append(bytes(rec))
+            self._repeats[lay.name] = total
             if chunks:
                 out[lay.index] = b"".join(chunks)
         return out
@@ -191,6 +195,9 @@ class LiveProbes:
             t = self.bpf[table.encode()]
             out[table] = {lay.name: int(t.sum(ctypes.c_int(lay.index)).value)
                           for lay in self.layouts}
+        # A repeat of a deduplicated event is counted only in its map (see the BPF hot path).
+        for lay in self.layouts:
+            out["seen"][lay.name] += self._repeats.get(lay.name, 0)
         out["missed"] = {lay.name: self._recursion_misses(lay.name) for lay in self.layouts}
         return out
 
