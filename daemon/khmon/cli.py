@@ -287,7 +287,8 @@ def _generated_c(cfg: ProbeConfig) -> str:
     from .session import kernel_layouts, owner_offsets
 
     btf = Btf.from_kernel()
-    return generate(kernel_layouts(btf), owner_offsets(btf), cfg)
+    # As LiveProbes compiles it first: function probes as fentry/fexit.
+    return generate(kernel_layouts(btf), owner_offsets(btf), cfg, func_mode="kfunc")
 
 
 def version_callback(value: bool) -> None:

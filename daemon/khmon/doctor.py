@@ -16,6 +16,7 @@ from pathlib import Path
 from .bpfgen import ProbeConfig
 from .btf import Btf
 from .errors import KhmonError
+from .funcprobes import kallsyms_text
 from .session import owner_offsets
 from .sysfs import THP, read_settings, selected
 from .tracefs import khugepaged_events, read_format, tracefs_root
@@ -36,21 +37,6 @@ class Check:
     state: str  # ok | info | warn | fail
     detail: str
     tier: str = ""  # the capability this check proves present (state ok) or absent
-
-
-def _kallsyms() -> dict[str, str]:
-    """symbol -> type letter, for the symbols doctor asks about."""
-    wanted = set(PMD_FUNCS) | set(DATA_SYMBOLS)
-    out: dict[str, str] = {}
-    try:
-        with open("/proc/kallsyms") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 3 and parts[2] in wanted:
-                    out[parts[2]] = parts[1]
-    except OSError:
-        pass
-    return out
 
 
 def _headers() -> Check:
@@ -114,7 +100,7 @@ def run_checks(trial: bool = True) -> list[Check]:
     except KhmonError as e:
         add(Check("tracefs", "tracepoints", "fail", str(e)))
 
-    syms = _kallsyms()
+    syms = kallsyms_text(PMD_FUNCS + DATA_SYMBOLS)
     for func in PMD_FUNCS:
         in_btf = btf is not None and btf.has_func(func)
         in_ksyms = func in syms
@@ -166,7 +152,7 @@ def _tier_summary(t: dict[str, bool]) -> list[Check]:
     ]
 
 
-def _trials(btf: Btf | None, syms: dict[str, str]) -> list[Check]:
+def _trials(btf: Btf | None, syms: set[str]) -> list[Check]:
     """Load and attach for real: the live-capture program (with a kprobe stub riding along),
     then a kfunc program."""
     from .probes import try_kfunc

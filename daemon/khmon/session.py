@@ -42,8 +42,16 @@ def owner_offsets(btf: Btf) -> OwnerOffsets:
 
 def kernel_layouts(btf: Btf) -> list[EventLayout]:
     """The running kernel's khugepaged events, as khmon will trace them: raw tracepoints for
-    hot events whose arguments BTF names (__bpf_trace_<event>), the format otherwise."""
-    return build_layouts(read_formats(), lambda name: btf.func_params(f"__bpf_trace_{name}"))
+    hot events whose arguments BTF names (__bpf_trace_<event>), the format otherwise, then
+    the function-probe events the kernel's BTF and kallsyms allow (which of them load is
+    decided by LiveProbes)."""
+    layouts = build_layouts(read_formats(),
+                            lambda name: btf.func_params(f"__bpf_trace_{name}"))
+    status = next((lay.fmt.symbols.get("status", {}) for lay in layouts
+                   if lay.name == "mm_collapse_huge_page"), {})
+    funcs = funcprobes.plan(btf, funcprobes.kallsyms_text(
+        (*funcprobes.PMD_ENTRY_FUNCS, funcprobes.COLLAPSE_FUNC)))
+    return layouts + funcprobes.layouts(funcs, len(layouts), status)
 
 
 def _now_wall() -> str:
@@ -63,11 +71,6 @@ class LiveCapture:
         layouts = kernel_layouts(btf)
         self.owner = owner_offsets(btf)
         self.vma_flags = funcprobes.vma_flag_bits(btf)
-        status = next((lay.fmt.symbols.get("status", {}) for lay in layouts
-                       if lay.name == "mm_collapse_huge_page"), {})
-        funcs = funcprobes.plan(btf, funcprobes.kallsyms_text(
-            (*funcprobes.PMD_ENTRY_FUNCS, funcprobes.COLLAPSE_FUNC)))
-        layouts += funcprobes.layouts(funcs, len(layouts), status)
         if cfg.filter_tgid and not self.owner.usable:
             raise KhmonError("-p PID needs mm->owner to tell whose memory a scan is, and this "
                              "kernel's BTF has no mm_struct.owner (CONFIG_MEMCG off)",
