@@ -21,7 +21,8 @@ How to read the output:
                    corrected for CPU stolen by other processes on a busy machine
   khmon/none, khmon/bpftrace   ratios of the medians; the target is khmon/bpftrace >= 1
   seen/s, records/s, lost      khmon's in-kernel `seen` counter, the records its Python
-                   side received (ring buffer + dedup drains), and `lost` (ring buffer full)
+                   side received (installs and resolved flushes from the ring buffer, and the
+                   slots emptied after detaching), and `lost` (ring buffer full)
   khmon CPU%       CPU time of the khmon process (this one) over the window, of one core
 A window is flagged (and left out of the medians when clean windows exist) if another
 process had MADV_HUGEPAGE memory (it would share khugepaged's passes) or a knob changed.
@@ -300,7 +301,7 @@ def run_khmon(ctx: Context, w: Window) -> None:
             m.stop()
             c1 = cap.probes.counters()
             c0 = phase["c0"]
-            for name in ("seen", "lost", "dedup_full"):
+            for name in ("seen", "lost"):
                 w.extra[f"{name}_per_s"] = (sum(c1[name].values())
                                             - sum(c0[name].values())) / w.seconds
             w.extra["records_per_s"] = phase["records"] / w.seconds
@@ -479,7 +480,7 @@ def report(windows: list[Window], modes: list[str]) -> None:
 
         print(f"\n{m} (median over its windows): events seen {med('seen_per_s'):,.0f}/s, "
               f"records sent {med('records_per_s'):,.0f}/s, lost {med('lost_per_s'):,.0f}/s, "
-              f"dedup_full {med('dedup_full_per_s'):,.0f}/s, process CPU {med('self_cpu_pct'):.1f}% "
+              f"process CPU {med('self_cpu_pct'):.1f}% "
               f"of one core; lost over whole captures: {sum(w.extra['lost_total'] for w in ks)}, "
               f"unaccounted: {sum(w.extra['unaccounted'] for w in ks)}")
     bt = [w.extra["events_per_s"] for w in by.get("bpftrace", []) if "events_per_s" in w.extra]
@@ -505,6 +506,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cost-seconds", type=float, default=5.0)
     args = ap.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    # SIGTERM (timeout, kill) unwinds like Ctrl-C, so the knobs are restored and the workload
+    # killed by the finally blocks below.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     if os.geteuid() != 0:
         print("overhead.py needs root (sysfs knobs, BPF)", file=sys.stderr)
         return 1

@@ -10,15 +10,22 @@
  * Each event's record is `struct khmon_hdr` followed by the event's fields copied verbatim
  * from the trace entry (the layout of its tracefs format file), then its strings.
  *
- * Scan events (once per PMD scanned; over a million a second at full speed) are
- * deduplicated here: the first occurrence of a (thread, payload) pair is sent, repeats only
- * bump `repeats` in the dedup map, which user space drains as counted records. Every other
- * probe hit is counted in `seen` (user space adds the repeats), every record the ring buffer
- * refused in `lost`, every payload the full dedup map could not hold in `dedup_full`:
- * nothing is dropped uncounted.
+ * Scan events (once per PMD scanned; several million a second at full speed) are
+ * deduplicated here, in a per-CPU table of 4-way sets of 16-byte slots (a set is one cache
+ * line) indexed by a 64-bit hash of (thread, payload). The first occurrence of a payload in
+ * a slot is sent in full (an
+ * install record); its repeats only bump the slot's count, and reach user space as bare
+ * headers counting them (flush records): when another payload takes the slot, at the first
+ * repeat after user space advances `epoch` (once a second), and, after detaching, from the
+ * slots themselves. A repeat touches one cache line and no lock, which is what keeps khmon's
+ * cost per scan below bpftrace's count(). The slot keeps only the hash, so two payloads
+ * with the same 64-bit hash would share a count (odds 2^-63 per new payload).
+ * Every probe hit is counted in `seen` when it is sent or flushed, every event the ring
+ * buffer refused in `lost`: nothing is dropped uncounted.
  *
  * Placeholders filled at load time by khmon/bpfgen.py:
- *   NR_EVENTS, RINGBUF_PAGES, DEDUP_ENTRIES, FILTER_TGID (0: all), HAVE_OWNER,
+ *   NR_EVENTS, RINGBUF_PAGES, DEDUP_SLOTS (a power of two), DEDUP_INSTALL, DEDUP_FLUSH,
+ *   FILTER_TGID (0: all), HAVE_OWNER,
  *   MM_OWNER_OFF, TASK_TGID_OFF, TASK_COMM_OFF (byte offsets from the running kernel's BTF),
  *   EVENT_CODE (per-event structs, maps and programs, generated from the format files).
  */
@@ -41,7 +48,74 @@ struct khmon_hdr {
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(seen, u64, NR_EVENTS);
 BPF_PERCPU_ARRAY(lost, u64, NR_EVENTS);
-BPF_PERCPU_ARRAY(dedup_full, u64, NR_EVENTS);
+BPF_ARRAY(epoch, u64, 1);  /* advanced by user space; 31 bits are compared */
+
+/* One dedup slot: `fp` is the payload's hash (0: empty); `ec` packs the epoch of the last
+ * flush (bits 33..63), whether -p excludes the payload (bit 32) and its repeats not yet
+ * reported (bits 0..31). */
+struct khmon_slot {
+    u64 fp;
+    u64 ec;
+};
+#define KHMON_WAYS 4
+struct khmon_set {
+    struct khmon_slot w[KHMON_WAYS];
+} __attribute__((aligned(64)));
+#define KHMON_EPOCH_SHIFT 33
+#define KHMON_EXCLUDED (1ULL << 32)
+#define KHMON_COUNT_MAX 0x7fffffffULL
+
+static __always_inline u64 khmon_mix(u64 h, u64 v)
+{
+    h ^= v;
+    h *= 0xff51afd7ed558ccdULL;
+    return h ^ (h >> 32);
+}
+
+/* murmur3's finaliser: every bit of the hash moves the slot index */
+static __always_inline u64 khmon_fmix(u64 h)
+{
+    h ^= h >> 33;
+    h *= 0xff51afd7ed558ccdULL;
+    h ^= h >> 33;
+    h *= 0xc4ceb9fe1a85ec53ULL;
+    return h ^ (h >> 33);
+}
+
+static __always_inline u64 khmon_epoch(void)
+{
+    u32 zero = 0;
+    u64 *e = epoch.lookup(&zero);
+    return e ? (*e & 0x7fffffffULL) : 0;
+}
+
+static __always_inline void khmon_add(u32 ev, u64 n, int to_lost)
+{
+    u64 *c;
+
+    if (to_lost)
+        c = lost.lookup(&ev);
+    else
+        c = seen.lookup(&ev);
+    if (c)
+        *c += n;
+}
+
+/* Report n repeats of the payload installed in slot idx (set * KHMON_WAYS + way) of this
+ * CPU's table. */
+static __always_inline void khmon_flush(u32 ev, u32 idx, u64 n)
+{
+    struct khmon_hdr f = {};
+
+    f.ts = bpf_ktime_get_ns();
+    f.count = n;
+    f.event = ev;
+    f.cpu = bpf_get_smp_processor_id();
+    f.flags = DEDUP_FLUSH | idx;
+    khmon_add(ev, n, 0);
+    if (events.ringbuf_output(&f, sizeof(f), 0) != 0)
+        khmon_add(ev, n, 1);
+}
 
 /* Fill the header. Owner: mm->owner (CONFIG_MEMCG) is the task the mm belongs to; its tgid
  * and comm name the process whose memory is collapsed, whoever does the collapsing. */
@@ -77,6 +151,51 @@ static __always_inline int khmon_excluded(struct khmon_hdr *h, u64 mm)
     if (FILTER_TGID == 0 || mm == 0 || !HAVE_OWNER)
         return 0;
     return h->owner_tgid != FILTER_TGID && h->tgid != FILTER_TGID;
+}
+
+/* Look payload hash h up in its set. A repeat is counted (the hot path) and 1 returned.
+ * Otherwise 0, with *way the slot to install the payload into; the repeats of the payload it
+ * replaces (an empty way first, else a random one) are flushed. */
+static __always_inline int khmon_repeat(struct khmon_set *st, u32 set, u64 h, u64 ep, u32 ev,
+                                        u32 *way)
+{
+    u32 i = 0;
+
+#pragma unroll
+    for (u32 j = 0; j < KHMON_WAYS; j++)
+        if (st->w[j].fp == h)
+            i = j + 1;
+    if (i) {
+        struct khmon_slot *s = &st->w[(i - 1) & (KHMON_WAYS - 1)];
+        u64 ec = s->ec;
+
+        /* A plain increment is exact: the table is this CPU's and a program runs to
+         * completion on it. */
+        if ((ec >> KHMON_EPOCH_SHIFT) == ep && (ec & 0xffffffffULL) < KHMON_COUNT_MAX) {
+            s->ec = ec + 1;
+            return 1;
+        }
+        /* First repeat since user space advanced the epoch: report it and those before
+         * it, so counts stay live while the payload keeps its slot. */
+        s->ec = (ep << KHMON_EPOCH_SHIFT) | (ec & KHMON_EXCLUDED);
+        if (!(ec & KHMON_EXCLUDED))
+            khmon_flush(ev, set * KHMON_WAYS + ((i - 1) & (KHMON_WAYS - 1)),
+                        (ec & 0xffffffffULL) + 1);
+        return 1;
+    }
+    i = bpf_get_prandom_u32() & (KHMON_WAYS - 1);
+#pragma unroll
+    for (u32 j = 0; j < KHMON_WAYS; j++)
+        if (!st->w[KHMON_WAYS - 1 - j].fp)
+            i = KHMON_WAYS - 1 - j;
+    struct khmon_slot *s = &st->w[i & (KHMON_WAYS - 1)];
+    u64 ec = s->ec;
+    if (s->fp && !(ec & KHMON_EXCLUDED) && (ec & 0xffffffffULL))
+        khmon_flush(ev, set * KHMON_WAYS + i, ec & 0xffffffffULL);
+    s->fp = 0;
+    s->ec = 0;
+    *way = i & (KHMON_WAYS - 1);
+    return 0;
 }
 
 EVENT_CODE

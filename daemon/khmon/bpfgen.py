@@ -3,8 +3,9 @@
 bpf/khmon.bpf.c is one named text with explicit placeholders (the bcc tools convention);
 this module fills them. Per event it emits a body struct sized from the format file, and a
 program that copies the trace entry with one bpf_probe_read_kernel. Scan events also get a
-dedup hash map keyed on (thread, payload); their padding bytes are zeroed so equal payloads
-make equal keys. Pure string work: no bcc here, so tests can read the generated C.
+per-CPU dedup table, indexed by a hash of (thread, payload) computed over the key's words;
+their padding bytes are zeroed so equal payloads hash alike. Pure string work: no bcc here,
+so tests can read the generated C.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .layout import COMMON_SIZE, STR_LEN, EventLayout
+from .layout import COMMON_SIZE, DEDUP_FLUSH, DEDUP_INSTALL, STR_LEN, EventLayout
 
 BPF_SOURCE_CANDIDATES = (
     Path(__file__).resolve().parents[2] / "bpf" / "khmon.bpf.c",  # a checkout
@@ -37,7 +38,7 @@ class OwnerOffsets:
 @dataclass(frozen=True)
 class ProbeConfig:
     ringbuf_pages: int = 1024
-    dedup_entries: int = 16384
+    dedup_slots: int = 16384  # per CPU and scan event, 16 bytes each; a power of two
     filter_tgid: int = 0
 
 
@@ -136,39 +137,45 @@ def _event_code(lay: EventLayout, mode: str) -> str:
         lines += [_sig(lay, mode), "{", f"    struct rec_{n} r = {{}};", f"    u32 ev = {idx};",
                   *_fill(lay, mode, "r"), *_mm_expr(lay, "r"), *_EMIT]
         return "\n".join(lines) + "\n"
+    key_size = -(-(8 + lay.body_size + len(lay.strings) * STR_LEN) // 8) * 8
     lines += [
-        f"struct dkey_{n} {{\n    u32 tid;\n    u32 pad;\n    u8 b[{lay.body_size}];\n{strs}}};",
-        f"struct dval_{n} {{\n    u64 repeats;\n    u32 excluded;\n    u32 pad;\n"
-        f"    struct rec_{n} rec;\n}};",
-        f"BPF_HASH(dedup_{n}, struct dkey_{n}, struct dval_{n}, DEDUP_ENTRIES);",
+        f"struct dkey_{n} {{\n    u32 tid;\n    u32 pad;\n    u8 b[{lay.body_size}];\n{strs}"
+        "} __attribute__((aligned(8)));",
+        f"BPF_PERCPU_ARRAY(dsets_{n}, struct khmon_set, DEDUP_SLOTS / KHMON_WAYS);",
         _sig(lay, mode),
         "{",
         f"    struct dkey_{n} k = {{}};",
         f"    u32 ev = {idx};",
         "    k.tid = (u32)bpf_get_current_pid_tgid();",
         *_fill(lay, mode, "k"),
-        f"    struct dval_{n} *v = dedup_{n}.lookup(&k);",
-        "    if (v) {",
-        "        /* The hot path. A plain increment is exact: the key holds the thread id and",
-        "         * a thread runs on one CPU at a time. These repeats are also what user space",
-        "         * adds to `seen`, so no second counter is touched here. */",
-        "        if (!v->excluded)",
-        "            v->repeats++;",
+        "    u64 *w = (u64 *)&k;",
+        "    u64 h = 0x9e3779b97f4a7c15ULL;",
+        *(f"    h = khmon_mix(h, w[{i}]);" for i in range(key_size // 8)),
+        "    h = khmon_fmix(h);",
+        "    u32 set = h & (DEDUP_SLOTS / KHMON_WAYS - 1);",
+        "    h |= 1;  /* 0 marks an empty slot */",
+        f"    struct khmon_set *st = dsets_{n}.lookup(&set);",
+        "    u32 way = 0;",
+        "    if (!st || khmon_repeat(st, set, h, khmon_epoch(), ev, &way))",
         "        return 0;",
-        "    }",
-        f"    struct dval_{n} nv = {{}};",
-        "    __builtin_memcpy(nv.rec.b, k.b, sizeof(k.b));",
-        *(["    __builtin_memcpy(nv.rec.s, k.s, sizeof(k.s));"] if lay.strings else []),
+        f"    struct rec_{n} r = {{}};",
+        "    __builtin_memcpy(r.b, k.b, sizeof(k.b));",
+        *(["    __builtin_memcpy(r.s, k.s, sizeof(k.s));"] if lay.strings else []),
         *_mm_expr(lay, "k"),
-        "    khmon_fill_hdr(&nv.rec.h, ev, mm);",
-        "    nv.excluded = khmon_excluded(&nv.rec.h, mm);",
-        f"    if (dedup_{n}.insert(&k, &nv) != 0)",
-        "        dedup_full.increment(ev);",
-        "    if (nv.excluded)",
-        "        return 0;",
-        "    seen.increment(ev);",
-        "    if (events.ringbuf_output(&nv.rec, sizeof(nv.rec), 0) != 0)",
-        "        lost.increment(ev);",
+        "    khmon_fill_hdr(&r.h, ev, mm);",
+        "    u64 excluded = khmon_excluded(&r.h, mm) ? KHMON_EXCLUDED : 0;",
+        "    if (!excluded) {",
+        "        r.h.flags = DEDUP_INSTALL | (set * KHMON_WAYS + way);",
+        "        khmon_add(ev, 1, 0);",
+        "        if (events.ringbuf_output(&r, sizeof(r), 0) != 0) {",
+        "            /* Not installed: its repeats would have no record to count against. */",
+        "            khmon_add(ev, 1, 1);",
+        "            return 0;",
+        "        }",
+        "    }",
+        "    struct khmon_slot *s = &st->w[way & (KHMON_WAYS - 1)];",
+        "    s->fp = h;",
+        "    s->ec = (khmon_epoch() << KHMON_EPOCH_SHIFT) | excluded;",
         "    return 0;",
         "}",
     ]
@@ -221,7 +228,9 @@ def generate(layouts: list[EventLayout], owner: OwnerOffsets, cfg: ProbeConfig,
     values = {
         "NR_EVENTS": str(len(layouts)),
         "RINGBUF_PAGES": str(cfg.ringbuf_pages),
-        "DEDUP_ENTRIES": str(cfg.dedup_entries),
+        "DEDUP_SLOTS": str(cfg.dedup_slots),
+        "DEDUP_INSTALL": f"{DEDUP_INSTALL:#x}U",
+        "DEDUP_FLUSH": f"{DEDUP_FLUSH:#x}U",
         "FILTER_TGID": str(cfg.filter_tgid),
         "HAVE_OWNER": "1" if owner.usable else "0",
         "MM_OWNER_OFF": str(owner.mm_owner or 0),

@@ -44,9 +44,10 @@ EbpfOpt = Annotated[bool, typer.Option("--ebpf", hidden=True,
                                        help="Print the generated BPF C and exit.")]
 RingOpt = Annotated[int, typer.Option("--ringbuf-pages", min=1,
                                       help="Ring buffer size in pages (a power of two).")]
-DedupOpt = Annotated[int, typer.Option("--dedup-entries", min=1,
-                                       help="Distinct scan payloads the kernel deduplicates; "
-                                       "beyond that each scan is sent (and counted).")]
+DedupOpt = Annotated[int, typer.Option("--dedup-slots", min=1,
+                                       help="Dedup slots per CPU for scan events (a power of "
+                                       "two, 16 bytes each); more slots, fewer payloads "
+                                       "evicting each other and sent again.")]
 
 
 def _guard(fn: Callable[[], T]) -> T:
@@ -60,12 +61,12 @@ def _guard(fn: Callable[[], T]) -> T:
         raise typer.Exit(130) from None
 
 
-def _config(pid: int, ringbuf_pages: int, dedup_entries: int) -> ProbeConfig:
-    if ringbuf_pages & (ringbuf_pages - 1):
-        raise KhmonError(f"--ringbuf-pages {ringbuf_pages} is not a power of two",
-                         "use 64, 256, 1024 ...", EXIT_BAD_INPUT)
-    return ProbeConfig(ringbuf_pages=ringbuf_pages, dedup_entries=dedup_entries,
-                       filter_tgid=pid)
+def _config(pid: int, ringbuf_pages: int, dedup_slots: int) -> ProbeConfig:
+    for opt, n in (("--ringbuf-pages", ringbuf_pages), ("--dedup-slots", dedup_slots)):
+        if n & (n - 1):
+            raise KhmonError(f"{opt} {n} is not a power of two", "use 64, 256, 1024 ...",
+                             EXIT_BAD_INPUT)
+    return ProbeConfig(ringbuf_pages=ringbuf_pages, dedup_slots=dedup_slots, filter_tgid=pid)
 
 
 class _StopFlag:
@@ -147,7 +148,7 @@ def record(
                                                    "Ctrl-C or SIGTERM).")] = None,
     pid: PidOpt = 0,
     ringbuf_pages: RingOpt = 1024,
-    dedup_entries: DedupOpt = 16384,
+    dedup_slots: DedupOpt = 16384,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
     ebpf: EbpfOpt = False,
 ) -> None:
@@ -157,7 +158,7 @@ def record(
     and counters) and the event stream. Progress goes to stderr every 5 s.
     """
     def body() -> None:
-        cfg = _config(pid, ringbuf_pages, dedup_entries)
+        cfg = _config(pid, ringbuf_pages, dedup_slots)
         if ebpf:
             typer.echo(_generated_c(cfg))
             return
@@ -181,7 +182,7 @@ def report(
     pid: PidOpt = 0,
     as_json: JsonOpt = False,
     ringbuf_pages: RingOpt = 1024,
-    dedup_entries: DedupOpt = 16384,
+    dedup_slots: DedupOpt = 16384,
     ebpf: EbpfOpt = False,
 ) -> None:
     """Summarise khugepaged activity: counts per event, status, order and process, next to
@@ -202,7 +203,7 @@ def report(
                 agg.add(part)
             warnings = reader.warnings
         else:
-            cfg = _config(pid, ringbuf_pages, dedup_entries)
+            cfg = _config(pid, ringbuf_pages, dedup_slots)
             if ebpf:
                 typer.echo(_generated_c(cfg))
                 return

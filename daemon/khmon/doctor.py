@@ -162,7 +162,7 @@ def _trials(btf: Btf | None, syms: set[str]) -> list[Check]:
     target = next((f for f in PMD_FUNCS if (btf and btf.has_func(f)) or f in syms), None)
     kprobe_err: str | None = "not tried: the capture program did not load"
     try:
-        cap = LiveCapture(ProbeConfig(ringbuf_pages=8, dedup_entries=64), with_kprobe_stub=True)
+        cap = LiveCapture(ProbeConfig(ringbuf_pages=8, dedup_slots=64), with_kprobe_stub=True)
         bad = {k: v for k, v in cap.probes.attached.items() if v}
         raw = [lay.name for lay in cap.layouts if lay.raw]
         if target is not None:

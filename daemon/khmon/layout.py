@@ -26,20 +26,35 @@ STR_LEN = 64  # bytes kept of each __data_loc string (file names)
 # The header, in C (bpf/khmon.bpf.c: struct khmon_hdr) and Python (struct module) form.
 HEADER_FIELDS = (
     ("ts", "Q"),  # bpf_ktime_get_ns(): CLOCK_MONOTONIC, ns
-    ("count", "I"),  # kernel events this record stands for: 1, or the repeats a drain found
+    ("count", "I"),  # kernel events this record stands for: 1, or the repeats of a flush
     ("event", "H"),  # index into the recording's event table
     ("cpu", "H"),
     ("tid", "I"),  # the collapsing thread: khugepaged, or a MADV_COLLAPSE caller
     ("tgid", "I"),  # its process
     ("owner_tgid", "I"),  # the process owning the mm (mm->owner->tgid); 0 when unknown
-    ("flags", "I"),  # reserved
+    ("flags", "I"),  # 0 in recordings; on the wire, DEDUP_INSTALL/DEDUP_FLUSH | slot
     ("comm", "16s"),  # the collapsing thread's comm
     ("owner_comm", "16s"),  # comm of the task mm->owner points at
 )
 HEADER_STRUCT = struct.Struct("<" + "".join(code for _, code in HEADER_FIELDS))
 HEADER_SIZE = HEADER_STRUCT.size
 HEADER_NAMES = tuple(name for name, _ in HEADER_FIELDS)
-EVENT_INDEX_OFFSET = 12  # byte offset of `event` in the header
+
+
+def _header_offset(name: str) -> int:
+    codes = [code for n, code in HEADER_FIELDS[:HEADER_NAMES.index(name)]]
+    return struct.calcsize("<" + "".join(codes))
+
+
+EVENT_INDEX_OFFSET = _header_offset("event")
+CPU_OFFSET = _header_offset("cpu")
+FLAGS_OFFSET = _header_offset("flags")
+# Ring-buffer records of deduplicated (hot) events name the per-CPU dedup slot they concern
+# in `flags` (see bpf/khmon.bpf.c and khmon.dedup): an install record is the first occurrence
+# of a payload in that slot, a flush record is a bare header counting its repeats since.
+DEDUP_INSTALL = 1 << 30
+DEDUP_FLUSH = 1 << 31
+DEDUP_SLOT_MASK = (1 << 24) - 1
 assert HEADER_SIZE == 64
 
 _INT_CODES = {1: "b", 2: "h", 4: "i", 8: "q"}

@@ -1,9 +1,9 @@
 """The probe loader: the only module that imports bcc.
 
 It compiles the generated C (bpfgen), attaches one program per khugepaged tracepoint, and
-hands everything else raw bytes: ring-buffer records, dedup-map drains (records whose
-`count` is the number of repeats since the last drain) and the in-kernel counters. An
-attach failure is data: `attached` records, per event, None or the error.
+hands everything else raw bytes: ring-buffer records, with the kernel's dedup records
+resolved into counted ones (khmon.dedup), and the in-kernel counters. An attach failure is
+data: `attached` records, per event, None or the error.
 """
 
 from __future__ import annotations
@@ -11,20 +11,21 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import struct
 import time
 from collections import defaultdict
 
 from .bpfgen import OwnerOffsets, ProbeConfig, generate
+from .dedup import Resolver
 from .errors import KhmonError
-from .layout import EVENT_INDEX_OFFSET, HEADER_STRUCT, EventLayout
+from .layout import EVENT_INDEX_OFFSET, EventLayout
 from .tracefs import SYSTEM
 
 # Kernel headers of another version than the running one warn in ways that do not matter:
 # khmon takes nothing from them but bcc's helper definitions and struct pt_regs.
 CFLAGS = ["-Wno-macro-redefined", "-Wno-ignored-attributes", "-Wno-duplicate-decl-specifier"]
-# The header starts with ts (u64) and count (u32); a drain rewrites both.
-_TS_COUNT = struct.Struct("<" + HEADER_STRUCT.format[1:3])
+# struct khmon_slot (bpf/khmon.bpf.c): the payload's hash, then epoch | excluded | count.
+_EXCLUDED = 1 << 32
+_COUNT_MASK = (1 << 32) - 1
 
 
 def _import_bcc():
@@ -74,8 +75,9 @@ class LiveProbes:
         self.layouts = [lay for lay in layouts if lay.func is None or self.func_mode]
         self._pending: list[bytes] = []
         self.bpf[b"events"].open_ring_buffer(self._on_record)
-        self._drained: dict[tuple[int, bytes], int] = {}
-        self._repeats: dict[str, int] = {}  # per hot event: repeats in its map at last drain
+        self.resolver = Resolver()
+        self._epoch = 0
+        self._left_in_slots: dict[str, int] = defaultdict(int)  # per hot event, cumulative
         self._base: dict[str, dict[str, int]] = {}
         self.attached: dict[str, str | None] = {}
         self.attach()
@@ -92,10 +94,9 @@ class LiveProbes:
         """Attach every program; the in-kernel counters count from here. Called again after
         detach() to open another window without recompiling (slow in TCG guests)."""
         # Counters count from before the first program can run: a base read after attaching
-        # would subtract events whose records are nonetheless delivered.
-        # Repeats counted before this window (while attached for a previous one, or between
-        # compile and an earlier detach) are not this window's: take them as drained.
-        self.drain()
+        # would subtract events whose records are nonetheless delivered. The dedup tables
+        # are empty here (new, or emptied by detach()).
+        self.advance_epoch()
         self._base = self._raw_counters()
         self.attached = {}
         for lay in self.layouts:
@@ -154,50 +155,63 @@ class LiveProbes:
     def _take(self) -> dict[int, bytes]:
         pending, self._pending = self._pending, []
         by_event: dict[int, list[bytes]] = defaultdict(list)
-        for rec in pending:
-            by_event[int.from_bytes(rec[EVENT_INDEX_OFFSET:EVENT_INDEX_OFFSET + 2], "little")].append(rec)
+        for raw in pending:
+            rec = self.resolver.resolve(raw)
+            if rec is not None:
+                by_event[int.from_bytes(rec[EVENT_INDEX_OFFSET:EVENT_INDEX_OFFSET + 2],
+                                        "little")].append(rec)
         return {ev: b"".join(recs) for ev, recs in by_event.items()}
 
-    def drain(self) -> dict[int, bytes]:
-        """Repeats counted in the dedup maps since the last drain, as records whose `count`
-        is the number of repeats and whose `ts` is now."""
+    def advance_epoch(self) -> None:
+        """Make the next repeat of every deduplicated payload report the repeats counted
+        before it (a flush record), so live counts lag by at most one epoch per payload."""
+        self._epoch += 1
+        self.bpf[b"epoch"][ctypes.c_int(0)] = ctypes.c_ulonglong(self._epoch)
+
+    def _empty_slots(self) -> dict[int, bytes]:
+        """After detaching: the repeats still counted in the dedup slots, as counted records,
+        and the slots emptied (their installs forgotten) for a later window."""
         now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-        out: dict[int, bytes] = {}
+        out: dict[int, list[bytes]] = defaultdict(list)
         for lay in self.layouts:
-            if not lay.hot or self.attached.get(lay.name) is not None:
+            if not lay.hot or self.attached.get(lay.name, "absent") is not None:
                 continue
-            table = self.bpf[f"dedup_{lay.name}".encode()]
+            table = self.bpf[f"dsets_{lay.name}".encode()]
             try:
                 items = table.items_lookup_batch()
-            except Exception:
+            except Exception:  # no batch ops on this kernel: one lookup per slot
                 items = table.items()
-            chunks = []
-            total = 0
-            for k, v in items:
-                if v.excluded:
-                    continue
-                total += v.repeats
-                key = (lay.index, bytes(k))
-                delta = v.repeats - self._drained.get(key, 0)
-                if delta > 0:
-                    self._drained[key] = v.repeats
-                    rec = bytearray(bytes(v.rec))
-                    _TS_COUNT.pack_into(rec, 0, now, delta)
-                    chunks.append(bytes(rec))
-            self._repeats[lay.name] = total
-            if chunks:
-                out[lay.index] = b"".join(chunks)
-        return out
+            used = set()
+            for k, per_cpu in items:
+                set_index = int(getattr(k, "value", k))  # batch lookups yield ints
+                for cpu, ways in enumerate(per_cpu):
+                    for way, v in enumerate(ways.w):
+                        if not v.fp:
+                            continue
+                        used.add(set_index)
+                        n = v.ec & _COUNT_MASK
+                        if n and not v.ec & _EXCLUDED:
+                            slot = set_index * len(ways.w) + way
+                            rec = self.resolver.repeats((lay.index, cpu, slot), now, n)
+                            if rec is not None:
+                                out[lay.index].append(rec)
+                                self._left_in_slots[lay.name] += n
+            for set_index in sorted(used):
+                table.clearitem(ctypes.c_int(set_index))
+        self.resolver.forget()
+        return {ev: b"".join(recs) for ev, recs in out.items()}
 
     def _raw_counters(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
-        for table in ("seen", "lost", "dedup_full"):
+        for table in ("seen", "lost"):
             t = self.bpf[table.encode()]
             out[table] = {lay.name: int(t.sum(ctypes.c_int(lay.index)).value)
                           for lay in self.layouts}
-        # A repeat of a deduplicated event is counted only in its map (see the BPF hot path).
+        # Repeats the BPF code never flushed are counted when detach() empties the slots;
+        # repeats whose install record was never delivered are lost.
         for lay in self.layouts:
-            out["seen"][lay.name] += self._repeats.get(lay.name, 0)
+            out["seen"][lay.name] += self._left_in_slots[lay.name]
+            out["lost"][lay.name] += self.resolver.orphaned[lay.index]
         out["missed"] = {lay.name: self._recursion_misses(lay.name) for lay in self.layouts}
         return out
 
@@ -232,20 +246,25 @@ class LiveProbes:
                 for table, vals in raw.items()}
 
     def detach(self) -> dict[int, bytes]:
-        """Stop new events, then collect what is still in the ring buffer."""
-        if not self.detached:
-            for lay in self.layouts:
-                if lay.func is not None:
-                    self._detach_func(lay)
-                elif self.attached.get(lay.name) is None:
-                    with contextlib.suppress(Exception):
-                        if lay.raw:
-                            self.bpf.detach_raw_tracepoint(tp=lay.name.encode())
-                        else:
-                            self.bpf.detach_tracepoint(tp=f"{SYSTEM}:{lay.name}".encode())
-            self.detached = True
+        """Stop new events, then collect what is still in the ring buffer and the repeats
+        still counted in the dedup slots."""
+        if self.detached:
+            return {}
+        for lay in self.layouts:
+            if lay.func is not None:
+                self._detach_func(lay)
+            elif self.attached.get(lay.name) is None:
+                with contextlib.suppress(Exception):
+                    if lay.raw:
+                        self.bpf.detach_raw_tracepoint(tp=lay.name.encode())
+                    else:
+                        self.bpf.detach_tracepoint(tp=f"{SYSTEM}:{lay.name}".encode())
+        self.detached = True
         self.bpf.ring_buffer_consume()
-        return self._take()
+        out = self._take()
+        for ev, data in self._empty_slots().items():
+            out[ev] = out.get(ev, b"") + data
+        return out
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

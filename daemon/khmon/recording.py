@@ -5,7 +5,7 @@ Layout: MAGIC (10 bytes), then frames of `<kind:u8><length:u32><crc32:u32><paylo
   H  header, JSON: kernel release, the format files of every traced event (so records decode
      anywhere), BTF offsets used, THP/khugepaged settings and counters at start, options.
   R  records of one event: u16 event index, then fixed-size records (see layout.py).
-  S  stats, JSON: khmon's probe counters (seen, lost, dedup_full) and the kernel's THP
+  S  stats, JSON: khmon's probe counters (seen, lost, missed) and the kernel's THP
      counters at that moment; written every second, so a recording cut short still has them.
   E  end, JSON: the final stats, written once after the probes are detached and drained.
 

@@ -124,7 +124,6 @@ class Aggregator:
                 "records": ec.records,
                 "lost": lost.get(ec.lay.name, 0),
                 "missed": missed.get(ec.lay.name, 0),
-                "dedup_full": probe.get("dedup_full", {}).get(ec.lay.name, 0),
             }
             for ec in self.events
         }

@@ -3,7 +3,7 @@
 The stream is the same one a recording holds (recording.Part: a header, record batches,
 a stats part every second, an end part), so recorders, reports and tests consume live
 capture and recordings alike. At the end the probes are detached first, then the ring
-buffer and the dedup maps are drained, so the final counts are exact.
+buffer is consumed and the dedup slots emptied, so the final counts are exact.
 """
 
 from __future__ import annotations
@@ -125,12 +125,10 @@ class LiveCapture:
                     yield Part("R", event=ev, data=data)
                 if time.monotonic() >= next_stats:
                     next_stats += STATS_INTERVAL_S
-                    for ev, data in self.probes.drain().items():
-                        yield Part("R", event=ev, data=data)
+                    self.probes.advance_epoch()
                     yield Part("S", meta=self._stats())
-            for batch in (self.probes.detach(), self.probes.drain()):
-                for ev, data in batch.items():
-                    yield Part("R", event=ev, data=data)
+            for ev, data in self.probes.detach().items():
+                yield Part("R", event=ev, data=data)
             yield Part("E", meta=self._stats())
         finally:
             if keep:

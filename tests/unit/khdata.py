@@ -97,14 +97,14 @@ def capture_header(kernel: str, release: str) -> dict:
         "btf_offsets": {"mm_struct.owner": 1296, "task_struct.tgid": 1268,
                         "task_struct.comm": 1752},
         "owner_source": "mm->owner (BTF offsets)",
-        "options": {"ringbuf_pages": 1024, "dedup_entries": 16384, "filter_tgid": 0, "pid": 0},
+        "options": {"ringbuf_pages": 1024, "dedup_slots": 16384, "filter_tgid": 0, "pid": 0},
         "settings": {"enabled": "always [madvise] never"},
         "counters": dict(START_COUNTERS),
         "recorder_pid": 4242,
     }
 
 
-def stats_meta(seen: dict, lost: dict, dedup_full: dict | None = None, secs: float = 2.5) -> dict:
+def stats_meta(seen: dict, lost: dict, secs: float = 2.5) -> dict:
     return {"mono_ns": START_NS + int(secs * 1e9), "wall": "2026-11-26T10:00:02.500+00:00",
-            "probe": {"seen": seen, "lost": lost, "dedup_full": dedup_full or {}},
+            "probe": {"seen": seen, "lost": lost},
             "counters": dict(END_COUNTERS)}

@@ -28,17 +28,30 @@ def test_one_program_per_event(src_6_18: str) -> None:
     assert progs == EVENTS_6_18
 
 
-def test_dedup_maps_only_for_scan_events(src_6_18: str) -> None:
-    maps = re.findall(r"^BPF_HASH\(dedup_(\w+), struct dkey_(\w+), struct dval_(\w+), "
-                      r"DEDUP_ENTRIES\);$", src_6_18, re.M)
-    assert maps == [("mm_khugepaged_scan_file",) * 3, ("mm_khugepaged_scan_pmd",) * 3]
-    assert "dedup_mm_collapse_huge_page" not in src_6_18
+def test_dedup_tables_only_for_scan_events(src_6_18: str) -> None:
+    maps = re.findall(r"^BPF_PERCPU_ARRAY\(dsets_(\w+), struct khmon_set, "
+                      r"DEDUP_SLOTS / KHMON_WAYS\);$", src_6_18, re.M)
+    assert maps == ["mm_khugepaged_scan_file", "mm_khugepaged_scan_pmd"]
+    assert "dsets_mm_collapse_huge_page" not in src_6_18
+
+
+def test_dedup_hash_covers_every_key_word(src_6_18: str) -> None:
+    # scan_pmd on 6.18: tid + pad (8) + body 32 = 40 bytes = 5 words; scan_file adds its
+    # 64-byte file name to its 32-byte body: 8 + 32 + 64 = 104 bytes = 13 words
+    for name, words in (("mm_khugepaged_scan_pmd", 5), ("mm_khugepaged_scan_file", 13)):
+        prog = src_6_18[src_6_18.index(f"int khmon_{name}(void *ctx)"):]
+        prog = prog[:prog.index("\n}\n")]
+        assert re.findall(r"h = khmon_mix\(h, w\[(\d+)\]\);", prog) == [
+            str(i) for i in range(words)]
+        assert f"dsets_{name}.lookup(&set)" in prog
 
 
 def test_defines(src_6_18: str) -> None:
-    defines = dict(re.findall(r"^#define (\w+) (\S+)$", src_6_18, re.M))
+    generated = src_6_18[:src_6_18.index("/*")]  # the template's own defines come later
+    defines = dict(re.findall(r"^#define (\w+) (\S+)$", generated, re.M))
     assert defines == {
-        "NR_EVENTS": "6", "RINGBUF_PAGES": "1024", "DEDUP_ENTRIES": "16384", "FILTER_TGID": "0",
+        "NR_EVENTS": "6", "RINGBUF_PAGES": "1024", "DEDUP_SLOTS": "16384",
+        "DEDUP_INSTALL": "0x40000000U", "DEDUP_FLUSH": "0x80000000U", "FILTER_TGID": "0",
         "HAVE_OWNER": "1", "MM_OWNER_OFF": "1296", "TASK_TGID_OFF": "1268",
         "TASK_COMM_OFF": "1752",
     }
@@ -48,9 +61,9 @@ def test_defines(src_6_18: str) -> None:
 
 def test_config_numbers_reach_the_defines() -> None:
     src = generate(layouts("6.18"), OwnerOffsets(1, 2, 3),
-                   ProbeConfig(ringbuf_pages=64, dedup_entries=99, filter_tgid=4321))
+                   ProbeConfig(ringbuf_pages=64, dedup_slots=128, filter_tgid=4321))
     assert "#define RINGBUF_PAGES 64\n" in src
-    assert "#define DEDUP_ENTRIES 99\n" in src
+    assert "#define DEDUP_SLOTS 128\n" in src
     assert "#define FILTER_TGID 4321\n" in src
 
 
@@ -90,12 +103,12 @@ def test_body_sizes_and_copy_offsets(src_6_18: str) -> None:
 
 def test_padding_zeroed_in_dedup_key_7_2() -> None:
     # 7.2 mm_khugepaged_scan: mm@8, progress@16 (4), full_scan_finished@20 (1) -> body bytes
-    # 13..15 are padding and must be zeroed so equal payloads make equal keys
+    # 13..15 are padding and must be zeroed so equal payloads hash alike
     src = generate(layouts("7.2"), OwnerOffsets(1, 2, 3), ProbeConfig())
     body = src[src.index("int khmon_mm_khugepaged_scan(void *ctx)"):]
     body = body[:body.index("\n}\n")]
     assert "__builtin_memset(&k.b[13], 0, 3);" in body
-    assert "dedup_mm_khugepaged_scan.lookup(&k)" in body
+    assert "dsets_mm_khugepaged_scan.lookup(&set)" in body
 
 
 def test_strings_copied_for_data_loc(src_6_18: str) -> None:

@@ -38,8 +38,7 @@ def report_6_18() -> dict:
     agg.add(Part("E", meta=stats_meta(
         seen={"mm_khugepaged_scan_pmd": 1010, "mm_collapse_huge_page": 2,
               "mm_collapse_huge_page_isolate": 5},
-        lost={"mm_khugepaged_scan_pmd": 4},
-        dedup_full={"mm_khugepaged_scan_pmd": 1})))
+        lost={"mm_khugepaged_scan_pmd": 4})))
     return agg.result(["a warning"])
 
 
@@ -93,10 +92,9 @@ def test_lost_and_accounting(report_6_18: dict) -> None:
     assert report_6_18["lost_events"] == 4
     acc = report_6_18["accounting"]
     assert acc["mm_khugepaged_scan_pmd"] == {"seen": 1010, "recorded": 1006, "records": 4,
-                                             "lost": 4, "missed": 0, "dedup_full": 1,
-                                             "unaccounted": 0}
+                                             "lost": 4, "missed": 0, "unaccounted": 0}
     assert acc["mm_collapse_huge_page"] == {"seen": 2, "recorded": 2, "records": 2, "lost": 0,
-                                            "missed": 0, "dedup_full": 0, "unaccounted": 0}
+                                            "missed": 0, "unaccounted": 0}
     # seen by the probes but neither recorded nor lost
     assert acc["mm_collapse_huge_page_isolate"]["unaccounted"] == 5
 
