@@ -137,17 +137,33 @@ def _event_code(lay: EventLayout, mode: str) -> str:
         lines += [_sig(lay, mode), "{", f"    struct rec_{n} r = {{}};", f"    u32 ev = {idx};",
                   *_fill(lay, mode, "r"), *_mm_expr(lay, "r"), *_EMIT]
         return "\n".join(lines) + "\n"
-    key_size = -(-(8 + lay.body_size + len(lay.strings) * STR_LEN) // 8) * 8
     lines += [
-        f"struct dkey_{n} {{\n    u32 tid;\n    u32 pad;\n    u8 b[{lay.body_size}];\n{strs}"
-        "} __attribute__((aligned(8)));",
-        f"BPF_PERCPU_ARRAY(dsets_{n}, struct khmon_set, DEDUP_SLOTS / KHMON_WAYS);",
+        *_dedup_key(lay),
         _sig(lay, mode),
         "{",
         f"    struct dkey_{n} k = {{}};",
         f"    u32 ev = {idx};",
         "    k.tid = (u32)bpf_get_current_pid_tgid();",
         *_fill(lay, mode, "k"),
+        *_dedup_tail(lay),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _dedup_key(lay: EventLayout) -> list[str]:
+    """The key of a deduplicated event, (thread, payload), and its per-CPU table of sets."""
+    n = lay.name
+    strs = f"    char s[{len(lay.strings)}][{STR_LEN}];\n" if lay.strings else ""
+    return [f"struct dkey_{n} {{\n    u32 tid;\n    u32 pad;\n    u8 b[{lay.body_size}];\n{strs}"
+            "} __attribute__((aligned(8)));",
+            f"BPF_PERCPU_ARRAY(dsets_{n}, struct khmon_set, DEDUP_SLOTS / KHMON_WAYS);"]
+
+
+def _dedup_tail(lay: EventLayout) -> list[str]:
+    """With key `k` filled: count a repeat, or send the payload and install it in a slot."""
+    n = lay.name
+    key_size = -(-(8 + lay.body_size + len(lay.strings) * STR_LEN) // 8) * 8
+    return [
         "    u64 *w = (u64 *)&k;",
         "    u64 h = 0x9e3779b97f4a7c15ULL;",
         *(f"    h = khmon_mix(h, w[{i}]);" for i in range(key_size // 8)),
@@ -173,22 +189,45 @@ def _event_code(lay: EventLayout, mode: str) -> str:
         "            return 0;",
         "        }",
         "    }",
-        "    struct khmon_slot *s = &st->w[way & (KHMON_WAYS - 1)];",
-        "    s->fp = h;",
-        "    s->ec = (khmon_epoch() << KHMON_EPOCH_SHIFT) | excluded;",
+        "    struct khmon_slot *slot = &st->w[way & (KHMON_WAYS - 1)];",
+        "    slot->fp = h;",
+        "    slot->ec = (khmon_epoch() << KHMON_EPOCH_SHIFT) | excluded;",
         "    return 0;",
         "}",
     ]
-    return "\n".join(lines) + "\n"
 
 
 def _exit_pair(lay: EventLayout, mode: str) -> list[str]:
-    """Entry stashes the arguments per thread; exit adds duration and result and sends."""
+    """Entry stashes the captured fields per thread; exit adds the result (and the duration)
+    and sends, or, for a hot event, deduplicates."""
     n, idx = lay.name, lay.index
-    dur = next(f for f in lay.fields if f.name == "duration_ns").offset - COMMON_SIZE
     res = next(f for f in lay.fields if f.name == "result").offset - COMMON_SIZE
     ret = f"ctx[{lay.func.nargs}]" if mode == "kfunc" else "PT_REGS_RC(ctx)"
+    if lay.hot:
+        exit_body = [
+            f"    struct dkey_{n} k = {{}};",
+            "    k.tid = tid;",
+            "    __builtin_memcpy(k.b, s->b, sizeof(k.b));",
+            f"    fstash_{n}.delete(&tid);",
+            f"    int ret = (int){ret};",
+            f"    __builtin_memcpy(&k.b[{res}], &ret, 4);",
+            *_dedup_tail(lay),
+        ]
+    else:
+        dur = next(f for f in lay.fields if f.name == "duration_ns").offset - COMMON_SIZE
+        exit_body = [
+            f"    struct rec_{n} r = {{}};",
+            "    __builtin_memcpy(r.b, s->b, sizeof(r.b));",
+            "    u64 dur = bpf_ktime_get_ns() - s->ts;",
+            f"    int ret = (int){ret};",
+            f"    __builtin_memcpy(&r.b[{dur}], &dur, 8);",
+            f"    __builtin_memcpy(&r.b[{res}], &ret, 4);",
+            f"    fstash_{n}.delete(&tid);",
+            *_mm_expr(lay, "r"),
+            *_EMIT,
+        ]
     return [
+        *(_dedup_key(lay) if lay.hot else []),
         f"struct fstash_{n} {{\n    u64 ts;\n    u8 b[{lay.body_size}];\n}};",
         f"BPF_HASH(fstash_{n}, u32, struct fstash_{n}, 4096);",
         _sig(lay, mode),
@@ -206,16 +245,8 @@ def _exit_pair(lay: EventLayout, mode: str) -> list[str]:
         f"    struct fstash_{n} *s = fstash_{n}.lookup(&tid);",
         "    if (!s)",
         "        return 0;",
-        f"    struct rec_{n} r = {{}};",
         f"    u32 ev = {idx};",
-        "    __builtin_memcpy(r.b, s->b, sizeof(r.b));",
-        "    u64 dur = bpf_ktime_get_ns() - s->ts;",
-        f"    int ret = (int){ret};",
-        f"    __builtin_memcpy(&r.b[{dur}], &dur, 8);",
-        f"    __builtin_memcpy(&r.b[{res}], &ret, 4);",
-        f"    fstash_{n}.delete(&tid);",
-        *_mm_expr(lay, "r"),
-        *_EMIT,
+        *exit_body,
     ]
 
 

@@ -109,8 +109,8 @@ def _capture(cfg: ProbeConfig, duration: float | None, out: Path | None,
     return capture(cfg, duration, out, should_stop, on_stats)
 
 
-def _emit(report: dict, as_json: bool) -> None:
-    typer.echo(json.dumps(report, indent=2) if as_json else render_report(report))
+def _emit(report: dict, as_json: bool, grids: int = 0) -> None:
+    typer.echo(json.dumps(report, indent=2) if as_json else render_report(report, grids))
 
 
 @app.command()
@@ -183,12 +183,16 @@ def report(
     as_json: JsonOpt = False,
     ringbuf_pages: RingOpt = 1024,
     dedup_slots: DedupOpt = 16384,
+    grid: Annotated[int, typer.Option("--grid", min=0, help=(
+        "Draw this many PMDs (most collapse attempts first) as 8x64 grids of their PTEs, "
+        "attempted ranges marked."))] = 0,
     ebpf: EbpfOpt = False,
 ) -> None:
     """Summarise khugepaged activity: counts per event, status, order and process, next to
     the kernel's own counters over the same window (/proc/vmstat thp counters,
     khugepaged/pages_collapsed and full_scans, the per-size hugepages stats), and every
-    lost event.
+    lost event. Where the kernel allows function probes, also one record per PMD: its
+    present-PTE bitmap, verdict and collapse attempts (--json pmds[], --grid N).
 
     Give a recording, or --live --duration S to capture now.
     """
@@ -210,7 +214,7 @@ def report(
             agg, warnings = _capture(cfg, duration, None, _StopFlag(), progress=False)
         for w in warnings:
             typer.echo(f"khmon: warning: {w}", err=True)
-        _emit(agg.result(warnings), as_json)
+        _emit(agg.result(warnings), as_json, grid)
 
     _guard(body)
 

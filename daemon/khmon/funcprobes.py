@@ -1,11 +1,14 @@
 """Function probes (tier 2): the per-PMD entry and collapse_huge_page, where the kernel allows.
 
 Tracepoints do not say which PMD khugepaged scanned, in which VMA, or how long a collapse
-took. Function probes do: on the per-PMD entry (collapse_single_pmd on 7.2,
+took. Function probes do: on the per-PMD function (collapse_single_pmd on 7.2,
 hpage_collapse_scan_pmd on 6.1-6.18, collapse_scan_pmd where a kernel has it uninlined) khmon
-records the mm, the PMD address and the VMA's start, end and flags; on collapse_huge_page
-entry and exit, the start address, the order (an argument since the mTHP collapse series),
-the result and the duration.
+records at entry the mm, the PMD address and the VMA's start, end and flags, and at exit the
+verdict (its return value); these are deduplicated like scan events, so a rescan that finds
+the same PMD in the same state is counted, not sent. On collapse_huge_page entry and exit it
+records the start address, the order (an argument since the mTHP collapse series), the
+present-PTE bitmap the scan left in collapse_control (mthp_present_ptes, same series), the
+result and the duration.
 
 Everything is read from the running kernel: which function exists (BTF and kallsyms), each
 argument's position (BTF parameter names), struct offsets (BTF), the userfaultfd flag bits
@@ -31,6 +34,10 @@ PMD_ENTRY_FUNCS = ("collapse_single_pmd", "collapse_scan_pmd", "hpage_collapse_s
 COLLAPSE_FUNC = "collapse_huge_page"
 ADDRESS_PARAMS = ("address", "addr", "start_addr")
 VMA_FLAG_NAMES = ("UFFD_MISSING", "UFFD_WP", "UFFD_MINOR", "HUGEPAGE")
+# The mTHP collapse series' bitmap of present PTEs: unsigned long[8] on x86-64, one bit per PTE
+# of the PMD (bit k of byte j is PTE 8j+k), filled by the scan before collapse_huge_page.
+BITMAP_MEMBER = "mthp_present_ptes"
+BITMAP_BYTES = 64
 
 
 @dataclass(frozen=True)
@@ -52,8 +59,9 @@ class FuncProbe:
     func: str
     nargs: int
     captures: tuple[Capture, ...]
-    exit: bool  # pair entry with exit: duration_ns and result (the return value)
+    exit: bool  # pair entry with exit: result (the return value), and duration_ns unless hot
     mm: Capture | None  # how to find the mm, for the owning process
+    hot: bool = False  # once per PMD scanned: deduplicated in the kernel
 
 
 def kallsyms_text(names: tuple[str, ...]) -> set[str]:
@@ -96,7 +104,7 @@ def plan(btf: Btf, kallsyms: set[str]) -> list[FuncProbe]:
             out.append(FuncProbe(PMD_SCAN, func, len(params), (
                 mm, Capture("address", addr), Capture("vm_start", v, vma["vm_start"]),
                 Capture("vm_end", v, vma["vm_end"]), Capture("vm_flags", v, vma["vm_flags"]),
-            ), exit=False, mm=mm))
+            ), exit=True, mm=mm, hot=True))
     found = _find(btf, kallsyms, (COLLAPSE_FUNC,))
     if found:
         func, params = found
@@ -107,6 +115,9 @@ def plan(btf: Btf, kallsyms: set[str]) -> list[FuncProbe]:
             caps = [mm, Capture("address", addr)]
             if "order" in names:
                 caps.append(Capture("order", names.index("order"), size=4))
+            bitmap = btf.member_offset("collapse_control", BITMAP_MEMBER)
+            if bitmap is not None and "cc" in names:
+                caps.append(Capture("present", names.index("cc"), bitmap, size=BITMAP_BYTES))
             out.append(FuncProbe(COLLAPSE, func, len(params), tuple(caps), exit=True, mm=mm))
     return out
 
@@ -117,15 +128,21 @@ def layouts(probes: list[FuncProbe], first_index: int, result_names: dict[int, s
     collapse results are enum scan_result, named by the tracepoints' status table."""
     out = []
     for i, p in enumerate(probes):
-        specs = [(c.field, "struct mm_struct *" if c.field == "mm" else
-                  "u64" if c.size == 8 else "u32", c.size, c.signed) for c in p.captures]
+        specs = [(c.field, _ctype(c), c.size, c.signed) for c in p.captures]
         symbols = {}
         if p.exit:
-            specs += [("duration_ns", "u64", 8, False), ("result", "int", 4, True)]
+            specs += [] if p.hot else [("duration_ns", "u64", 8, False)]
+            specs += [("result", "int", 4, True)]
             symbols = {"result": dict(result_names)}
         fmt = EventFormat(SYSTEM, p.event, -1, fields_at(specs), symbols, "")
-        out.append(EventLayout(first_index + i, fmt, hot=not p.exit, func=p))
+        out.append(EventLayout(first_index + i, fmt, hot=p.hot, func=p))
     return out
+
+
+def _ctype(c: Capture) -> str:
+    if c.field == "mm":
+        return "struct mm_struct *"
+    return {8: "u64", 4: "u32"}.get(c.size, f"u8[{c.size}]")
 
 
 def vma_flag_bits(btf: Btf, release: str | None = None) -> dict[str, int]:

@@ -199,10 +199,12 @@ def raw_format(fmt: EventFormat, params: list[tuple[str, Scalar | None]] | None
 
 def fields_at(specs: list[tuple[str, str, int, bool]]) -> tuple[Field, ...]:
     """Fields (name, ctype, size, signed) laid out with natural alignment where a trace
-    entry's own fields start (after its 8-byte common header), as a C struct would."""
+    entry's own fields start (after its 8-byte common header), as a C struct would (a byte
+    array aligned to 1, scalars to their size)."""
     fields, pos = [], COMMON_SIZE
     for name, ctype, size, signed in specs:
-        pos = (pos + size - 1) // size * size
+        align = 1 if "[" in ctype else size
+        pos = (pos + align - 1) // align * align
         fields.append(Field(name, ctype, pos, size, signed))
         pos += size
     return tuple(fields)

@@ -3,7 +3,10 @@ same dict; this module only formats it."""
 
 from __future__ import annotations
 
+import string
 from typing import Any
+
+from .pmd import bitmap_bits
 
 
 def _table(headers: list[str], rows: list[list[Any]], indent: str = "  ") -> list[str]:
@@ -21,7 +24,8 @@ def _statuses(by_status: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in by_status.items()) or "none"
 
 
-def render_report(r: dict[str, Any]) -> str:
+def render_report(r: dict[str, Any], grids: int = 0) -> str:
+    """The report as text; `grids`: draw that many PMDs (most attempts first) as grids."""
     k, w = r["kernel"], r["window"]
     lines = [
         f"khmon report: kernel {k['release']}, window {w['seconds']:.2f} s"
@@ -58,6 +62,7 @@ def render_report(r: dict[str, Any]) -> str:
         if len(r["processes"]) > 15:
             lines.append(f"  ... {len(r['processes']) - 15} more (see --json)")
     lines += ["", *_functions(r["functions"])]
+    lines += _pmds(r.get("pmds", []), grids)
     delta = {n: v for n, v in r["kernel_counters"]["delta"].items() if v}
     lines += ["", "kernel counters, change over the window (zero ones omitted; all in --json)"]
     lines += _table(["counter", "delta"], [[n, v] for n, v in delta.items()]) if delta else [
@@ -88,3 +93,51 @@ def _functions(f: dict[str, Any]) -> list[str]:
         flags = ", ".join(f"{k} {v}" for k, v in p["by_vma_flag"].items()) or "flag bits unknown"
         lines.append(f"  per-PMD scans: {p['calls']}; in VMAs with {flags}")
     return lines
+
+
+def _pmds(pmds: list[dict[str, Any]], grids: int) -> list[str]:
+    if not pmds:
+        return []
+    lines = ["", f"PMDs seen by the function probes: {len(pmds)} (all in --json pmds)"]
+    lines += _table(["pid", "address", "scans", "verdict", "uffd", "present", "source", "attempts"],
+                    [[p["pid"] or "-", p["address"], p["scans"], p["verdict"] or "-",
+                      {True: "yes", False: "no", None: "?"}[p["uffd"]],
+                      "-" if p["present"] is None else p["present"], p["bitmap_source"] or "-",
+                      sum(a["count"] for a in p["attempts"])] for p in pmds[:10]])
+    for p in pmds[:grids]:
+        lines += ["", *render_grid(p)]
+    return lines
+
+
+def render_grid(pmd: dict[str, Any]) -> list[str]:
+    """A PMD's 512 PTEs as 8 rows of 64, with its attempted ranges marked.
+
+    `#` a present PTE, `.` an empty one (no bitmap: `?`). A PTE inside an attempted range
+    shows that attempt's letter instead (the smallest range covering it): upper case where
+    the PTE is present, lower case where it is not. The legend under the grid names each
+    attempt: offset, order, isolate status, result, latency and how often it was tried.
+    """
+    bits = bitmap_bits(bytes.fromhex(pmd["bitmap"])) if pmd["bitmap"] else None
+    cells = ["?" if bits is None else "#" if b else "." for b in (bits or [False] * 512)]
+    span = [513] * 512
+    attempts = pmd["attempts"][:len(string.ascii_uppercase)]
+    for letter, a in zip(string.ascii_uppercase, attempts, strict=False):
+        size = 1 << a["order"]
+        for i in range(a["offset"], min(a["offset"] + size, 512)):
+            if size < span[i]:
+                span[i] = size
+                present = bits[i] if bits is not None else True
+                cells[i] = letter if present else letter.lower()
+    head = (f"PMD {pmd['address']} pid {pmd['pid'] or '-'} {pmd['comm']}: "
+            f"{pmd['scans']} scans, verdict {pmd['verdict'] or '-'}, bitmap "
+            f"{pmd['bitmap_source'] or 'unknown'}"
+            + (f", {pmd['present']} present" if pmd["present"] is not None else "")
+            + (", userfaultfd-armed" if pmd["uffd"] else ""))
+    out = [head, "      " + "".join(str(c // 8) if c % 8 == 0 else " " for c in range(64))]
+    out += [f"  {row * 64:3d} " + "".join(cells[row * 64:(row + 1) * 64]) for row in range(8)]
+    for letter, a in zip(string.ascii_uppercase, attempts, strict=False):
+        out.append(f"  {letter}: offset {a['offset']} order {a['order']} "
+                   f"({1 << a['order']} PTEs): {a['status']}"
+                   + (f" (isolate: {a['isolate_status']})" if a["isolate_status"] else "")
+                   + f", {a['latency_ns'] / 1e3:.1f} us mean, {a['count']}x")
+    return out

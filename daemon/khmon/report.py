@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 from . import funcprobes
 from .layout import EventLayout, layouts_from_header
+from .pmd import PmdCorrelator
 from .recording import Part
 from .sysfs import counter_delta
 
@@ -98,12 +99,15 @@ class Aggregator:
         self.header = header
         self.layouts = layouts if layouts is not None else layouts_from_header(header["events"])
         self.events = [_EventCounts(lay) for lay in self.layouts]
+        self.pmds = PmdCorrelator(self.layouts, header.get("vma_flag_bits", {}))
         self.last_stats: dict | None = None
         self.ended = False
 
     def add(self, part: Part) -> None:
         if part.kind == "R":
             self.events[part.event].add(part.data)
+            if self.pmds.active:
+                self.pmds.add(part.event, part.data)
         elif part.kind in ("S", "E"):
             self.last_stats = part.meta
             self.ended = self.ended or part.kind == "E"
@@ -149,6 +153,8 @@ class Aggregator:
                          for name, rs in rows.items()},
             "processes": _processes(rows),
             "functions": _functions(h, rows),
+            # One record per PMD the function probes saw (none without function probes).
+            "pmds": self.pmds.records(),
             "kernel_counters": {"start": start_counters, "end": end_counters,
                                 "delta": counter_delta(start_counters, end_counters)},
             # Refused by the ring buffer, plus probe runs the kernel skipped (recursion).

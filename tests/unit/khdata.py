@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+from khmon.btf import Scalar
 from khmon.layout import EventLayout, build_layouts, header_events
 from khmon.tpformat import EventFormat, parse_format
 
@@ -60,7 +61,7 @@ def _record_size(fmt: EventFormat) -> tuple[int, int]:
 def pack(fmt: EventFormat, event: int, *, count: int = 1, ts: int = 0, cpu: int = 0,
          tid: int = 0, tgid: int = 0, owner_tgid: int = 0, flags: int = 0,
          comm: bytes = b"", owner_comm: bytes = b"", strings: tuple[bytes, ...] = (),
-         **values: int) -> bytes:
+         **values: int | bytes) -> bytes:
     """One record: header, then each named field at (format offset - 8), then the strings."""
     body, size = _record_size(fmt)
     rec = bytearray(size)
@@ -69,7 +70,11 @@ def pack(fmt: EventFormat, event: int, *, count: int = 1, ts: int = 0, cpu: int 
         f = fmt.field(name)
         assert f is not None, name
         off = 64 + f.offset - 8
-        rec[off:off + f.size] = value.to_bytes(f.size, "little", signed=f.signed)
+        if isinstance(value, bytes):  # a byte array field (a bitmap)
+            assert len(value) == f.size, name
+            rec[off:off + f.size] = value
+        else:
+            rec[off:off + f.size] = value.to_bytes(f.size, "little", signed=f.signed)
     for i, s in enumerate(strings):
         off = 64 + body + 64 * i
         rec[off:off + len(s)] = s
@@ -108,3 +113,54 @@ def stats_meta(seen: dict, lost: dict, secs: float = 2.5) -> dict:
     return {"mono_ns": START_NS + int(secs * 1e9), "wall": "2026-11-26T10:00:02.500+00:00",
             "probe": {"seen": seen, "lost": lost},
             "counters": dict(END_COUNTERS)}
+
+
+# Function-probe facts as BTF lists them on Debian's 6.1.0-56 and 7.2.13+deb14 kernels.
+PTR = Scalar("void *", 8, False)
+MM = Scalar("struct mm_struct *", 8, False)
+VMA = Scalar("struct vm_area_struct *", 8, False)
+ULONG = Scalar("long unsigned int", 8, False)
+INT = Scalar("int", 4, True)
+UINT = Scalar("unsigned int", 4, False)
+CC = Scalar("struct collapse_control *", 8, False)
+VMA_OFFSETS = {"vm_start": 0, "vm_end": 8, "vm_mm": 16, "vm_flags": 32}  # 6.1 and 7.2 alike
+
+FUNCS_61 = {
+    "hpage_collapse_scan_pmd": [("mm", MM), ("vma", VMA), ("address", ULONG),
+                                ("mmap_locked", PTR), ("cc", CC)],
+    "collapse_huge_page": [("mm", MM), ("address", ULONG), ("referenced", INT),
+                           ("unmapped", INT), ("cc", CC)],
+}
+FUNCS_72 = {
+    "collapse_single_pmd": [("addr", ULONG), ("vma", VMA), ("lock_dropped", PTR), ("cc", CC)],
+    "collapse_huge_page": [("mm", MM), ("start_addr", ULONG), ("referenced", INT),
+                           ("unmapped", INT), ("cc", CC), ("order", UINT)],
+}
+
+
+class FakeBtf:
+    def __init__(self, funcs: dict) -> None:
+        self.funcs = funcs
+
+    def func_params(self, name: str) -> list | None:
+        return self.funcs.get(name)
+
+    def member_offset(self, struct: str, member: str) -> int | None:
+        if struct == "collapse_control":
+            return self.bitmap_at if member == "mthp_present_ptes" else None
+        return VMA_OFFSETS.get(member) if struct == "vm_area_struct" else None
+
+    bitmap_at: int | None = None
+
+
+class FakeBtf72(FakeBtf):
+    bitmap_at = 4232  # collapse_control.mthp_present_ptes on Debian's 7.2.13
+
+
+def func_layouts_72() -> list[EventLayout]:
+    """7.2's tracepoint layouts followed by its function-probe layouts (fentry mode)."""
+    from khmon import funcprobes
+    tps = layouts("7.2")
+    status = by_name(tps)["mm_collapse_huge_page"].fmt.symbols["status"]
+    return tps + funcprobes.layouts(funcprobes.plan(FakeBtf72(FUNCS_72), set(FUNCS_72)),
+                                    len(tps), status)

@@ -3,55 +3,24 @@ guest kernels (tests/vm), and the C generated for fentry and kprobe modes."""
 
 from __future__ import annotations
 
-from khdata import layouts
+from khdata import FUNCS_61, FUNCS_72, FakeBtf, FakeBtf72, layouts
 
 from khmon.bpfgen import OwnerOffsets, ProbeConfig, generate
-from khmon.btf import Scalar
 from khmon.funcprobes import COLLAPSE, PMD_SCAN, Capture, plan
 from khmon.funcprobes import layouts as func_layouts
-
-PTR = Scalar("void *", 8, False)
-MM = Scalar("struct mm_struct *", 8, False)
-VMA = Scalar("struct vm_area_struct *", 8, False)
-ULONG = Scalar("long unsigned int", 8, False)
-INT = Scalar("int", 4, True)
-UINT = Scalar("unsigned int", 4, False)
-CC = Scalar("struct collapse_control *", 8, False)
-VMA_OFFSETS = {"vm_start": 0, "vm_end": 8, "vm_mm": 16, "vm_flags": 32}  # 6.1 and 7.2 alike
-
-# As BTF lists them on Debian's 6.1.0-56 and 7.2.13+deb14 kernels.
-FUNCS_61 = {
-    "hpage_collapse_scan_pmd": [("mm", MM), ("vma", VMA), ("address", ULONG),
-                                ("mmap_locked", PTR), ("cc", CC)],
-    "collapse_huge_page": [("mm", MM), ("address", ULONG), ("referenced", INT),
-                           ("unmapped", INT), ("cc", CC)],
-}
-FUNCS_72 = {
-    "collapse_single_pmd": [("addr", ULONG), ("vma", VMA), ("lock_dropped", PTR), ("cc", CC)],
-    "collapse_huge_page": [("mm", MM), ("start_addr", ULONG), ("referenced", INT),
-                           ("unmapped", INT), ("cc", CC), ("order", UINT)],
-}
-
-
-class FakeBtf:
-    def __init__(self, funcs: dict) -> None:
-        self.funcs = funcs
-
-    def func_params(self, name: str) -> list | None:
-        return self.funcs.get(name)
-
-    def member_offset(self, struct: str, member: str) -> int | None:
-        return VMA_OFFSETS.get(member) if struct == "vm_area_struct" else None
 
 
 def test_plan_on_6_1() -> None:
     probes = plan(FakeBtf(FUNCS_61), set(FUNCS_61))
     scan, col = probes
-    assert (scan.event, scan.func, scan.exit) == (PMD_SCAN, "hpage_collapse_scan_pmd", False)
+    # the per-PMD probe has an exit (the verdict) and is deduplicated like a scan event
+    assert (scan.event, scan.func, scan.exit, scan.hot) == (
+        PMD_SCAN, "hpage_collapse_scan_pmd", True, True)
     assert scan.captures == (Capture("mm", 0), Capture("address", 2), Capture("vm_start", 1, 0),
                              Capture("vm_end", 1, 8), Capture("vm_flags", 1, 32))
     assert (col.event, col.func, col.exit, col.nargs) == (COLLAPSE, "collapse_huge_page", True, 5)
-    assert [c.field for c in col.captures] == ["mm", "address"]  # no order argument on 6.1
+    # no order argument and no bitmap in collapse_control on 6.1
+    assert [c.field for c in col.captures] == ["mm", "address"]
 
 
 def test_plan_on_7_2_reads_mm_through_the_vma() -> None:
@@ -60,6 +29,9 @@ def test_plan_on_7_2_reads_mm_through_the_vma() -> None:
     assert scan.captures[0] == Capture("mm", 1, 16)  # vma->vm_mm
     assert scan.captures[1] == Capture("address", 0)
     assert col.captures[-1] == Capture("order", 5, size=4)
+    assert not col.hot
+    *_, bitmap = plan(FakeBtf72(FUNCS_72), set(FUNCS_72))[1].captures
+    assert bitmap == Capture("present", 4, 4232, size=64)  # cc->mthp_present_ptes, 64 bytes
 
 
 def test_functions_missing_from_kallsyms_are_not_probed() -> None:
@@ -70,10 +42,16 @@ def test_functions_missing_from_kallsyms_are_not_probed() -> None:
 
 def test_generated_c_for_fentry_and_kprobes() -> None:
     tps = layouts("6.18")
-    fl = func_layouts(plan(FakeBtf(FUNCS_72), set(FUNCS_72)), len(tps), {1: "succeeded"})
+    fl = func_layouts(plan(FakeBtf72(FUNCS_72), set(FUNCS_72)), len(tps), {1: "succeeded"})
     assert [lay.index for lay in fl] == [len(tps), len(tps) + 1]
-    col = fl[1]
-    assert [f.name for f in col.fields] == ["mm", "address", "order", "duration_ns", "result"]
+    scan, col = fl
+    assert [f.name for f in scan.fields] == ["mm", "address", "vm_start", "vm_end", "vm_flags",
+                                             "result"]
+    assert scan.hot and not col.hot
+    assert [f.name for f in col.fields] == ["mm", "address", "order", "present", "duration_ns",
+                                            "result"]
+    present = col.fmt.field("present")
+    assert (present.offset, present.size) == (8 + 20, 64)  # after mm, address, order: unaligned
     assert col.fmt.symbol("result", 1) == "succeeded"
     owner = OwnerOffsets(1296, 1268, 1752)
     kf = generate(tps + fl, owner, ProbeConfig(), func_mode="kfunc")
@@ -81,6 +59,11 @@ def test_generated_c_for_fentry_and_kprobes() -> None:
     assert "int kretfunc__vmlinux__collapse_huge_page(unsigned long long *ctx)" in kf
     assert "int ret = (int)ctx[6];" in kf  # fexit: the return value follows the 6 arguments
     assert "(void *)(ctx[1] + 16)" in kf  # mm = vma->vm_mm
+    assert "bpf_probe_read_kernel(&s.b[20], 64, (void *)(ctx[4] + 4232));" in kf  # the bitmap
+    # the per-PMD exit deduplicates on (thread, fields + verdict) instead of sending
+    pmd_exit = kf[kf.index("int kretfunc__vmlinux__collapse_single_pmd("):]
+    pmd_exit = pmd_exit[:pmd_exit.index("\n}\n")]
+    assert "int ret = (int)ctx[4];" in pmd_exit and "dsets_fn_pmd_scan.lookup(&set)" in pmd_exit
     kp = generate(tps + fl, owner, ProbeConfig(), func_mode="kprobe")
     assert "int khmon_ret_fn_collapse(struct pt_regs *ctx)" in kp
     assert "PT_REGS_RC(ctx)" in kp and "PT_REGS_PARM6(ctx)" in kp

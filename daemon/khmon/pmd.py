@@ -1,0 +1,161 @@
+"""One record per PMD: what khugepaged saw there and what it tried.
+
+The correlator turns the function-probe events of a stream into PMD records:
+  fn_pmd_scan  (per-PMD function, exit)  mm, PMD address, VMA flags, verdict; counted, since
+               the kernel deduplicates rescans that find the same PMD in the same state;
+  fn_collapse  (collapse_huge_page exit) one attempt: start address, order, result, duration,
+               and on the mTHP series the scan's bitmap of present PTEs (source `kernel`);
+  mm_collapse_huge_page_isolate          the isolate verdict of the attempt that encloses it
+               on the same thread (this tracepoint carries no mm and no address).
+Attempts are keyed by (mm, PMD) rather than by position in the stream: a rescan whose picture
+is unchanged sends no record, but each of its attempts does. Plain Python over decoded
+records, so it runs the same on live events, recordings and tests.
+
+Bitmaps are 64 bytes, bit k of byte j is PTE 8j+k (the kernel's unsigned long[8] on x86-64,
+dumped as bytes). In collapse_control.mthp_present_ptes a bit is set for a PTE that maps a
+page: none, zero-page and swap PTEs leave it clear.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import funcprobes
+from .layout import EventLayout
+
+PAGE_SHIFT = 12
+PTES = 512  # PTEs per PMD on x86-64 (4 KiB pages, 2 MiB PMDs)
+PMD_ORDER = 9  # the order of a whole-PMD collapse, where the kernel's events have no order
+PMD_MASK = ~((PTES << PAGE_SHIFT) - 1)
+ISOLATE = "mm_collapse_huge_page_isolate"
+
+
+@dataclass
+class _Attempt:
+    count: int = 0
+    latency_sum: int = 0
+    latency_max: int = 0
+
+
+@dataclass
+class _Pmd:
+    mm: int
+    address: int
+    pid: int = 0
+    comm: str = ""
+    vm_flags: int | None = None
+    scans: int = 0
+    verdicts: Counter[str] = field(default_factory=Counter)
+    bitmap: bytes | None = None
+    bitmap_source: str | None = None
+    bitmaps_seen: set[bytes] = field(default_factory=set)
+    # (offset, order, isolate status, result) -> counts and latency, in first-seen order
+    attempts: dict[tuple[int, int, str | None, str], _Attempt] = field(default_factory=dict)
+
+
+class PmdCorrelator:
+    """Feed it record batches (event index, bytes); records() gives the PMD records."""
+
+    def __init__(self, layouts: list[EventLayout], vma_flag_bits: dict[str, int]) -> None:
+        by_name = {lay.name: lay for lay in layouts}
+        self.scan = by_name.get(funcprobes.PMD_SCAN)
+        self.collapse = by_name.get(funcprobes.COLLAPSE)
+        self.isolate = by_name.get(ISOLATE)
+        self.vma_flag_bits = vma_flag_bits
+        self.pmds: dict[tuple[int, int], _Pmd] = {}
+        # per thread: (ts, isolate status) not yet claimed by an attempt
+        self._isolates: dict[int, list[tuple[int, str]]] = defaultdict(list)
+
+    @property
+    def active(self) -> bool:
+        """Without function probes there are no PMD addresses, so no PMD records."""
+        return self.scan is not None or self.collapse is not None
+
+    def add(self, event: int, data: bytes) -> None:
+        for lay, handler in ((self.scan, self._scan), (self.collapse, self._collapse),
+                             (self.isolate, self._isolate)):
+            if lay is not None and lay.index == event:
+                for rec in lay.struct.iter_unpack(data):
+                    handler(lay.record_type(*rec))
+                return
+
+    def _pmd(self, rec: Any) -> _Pmd:
+        key = (rec.mm, rec.address & PMD_MASK)
+        p = self.pmds.get(key)
+        if p is None:
+            p = self.pmds[key] = _Pmd(rec.mm, rec.address & PMD_MASK)
+        if rec.owner_tgid and not p.pid:
+            p.pid, p.comm = rec.owner_tgid, rec.owner_comm.rstrip(b"\0").decode(errors="replace")
+        return p
+
+    def _scan(self, rec: Any) -> None:
+        p = self._pmd(rec)
+        p.scans += rec.count
+        p.vm_flags = rec.vm_flags
+        p.verdicts[self.scan.fmt.symbol("result", rec.result)] += rec.count
+
+    def _isolate(self, rec: Any) -> None:
+        self._isolates[rec.tid].append((rec.ts, self.isolate.fmt.symbol("status", rec.status)))
+
+    def _collapse(self, rec: Any) -> None:
+        p = self._pmd(rec)
+        # The isolate event of this attempt fired on this thread while it ran.
+        start = rec.ts - rec.duration_ns
+        pending = self._isolates.get(rec.tid, [])
+        mine = [s for ts, s in pending if start <= ts <= rec.ts]
+        self._isolates[rec.tid] = [(ts, s) for ts, s in pending if ts > rec.ts]
+        offset = (rec.address - p.address) >> PAGE_SHIFT
+        order = getattr(rec, "order", PMD_ORDER)
+        key = (offset, order, mine[-1] if mine else None,
+               self.collapse.fmt.symbol("result", rec.result))
+        a = p.attempts.setdefault(key, _Attempt())
+        a.count += rec.count
+        a.latency_sum += rec.duration_ns * rec.count
+        a.latency_max = max(a.latency_max, rec.duration_ns)
+        present = getattr(rec, "present", None)
+        if present is not None:
+            p.bitmap, p.bitmap_source = present, "kernel"
+            p.bitmaps_seen.add(present)
+
+    def records(self) -> list[dict[str, Any]]:
+        """PMD records, the ones with the most attempts first."""
+        uffd = [m for name, m in self.vma_flag_bits.items() if name.startswith("uffd")]
+        out = []
+        for p in self.pmds.values():
+            flags = p.vm_flags
+            out.append({
+                "pid": p.pid or None,
+                "comm": p.comm,
+                "mm": hex(p.mm),
+                "address": hex(p.address),
+                "vma_flags": flags,
+                "vma_flag_names": (sorted(n for n, m in self.vma_flag_bits.items() if flags & m)
+                                   if flags is not None else None),
+                "uffd": bool(any(flags & m for m in uffd)) if flags is not None and uffd else None,
+                "scans": p.scans,
+                "verdict": p.verdicts.most_common(1)[0][0] if p.verdicts else None,
+                "verdicts": dict(p.verdicts.most_common()),
+                "bitmap": p.bitmap.hex() if p.bitmap is not None else None,
+                "bitmap_source": p.bitmap_source,
+                "present": bitmap_count(p.bitmap) if p.bitmap is not None else None,
+                "bitmaps_seen": len(p.bitmaps_seen),
+                "attempts": [{"offset": off, "order": order, "isolate_status": iso, "status": st,
+                              "count": a.count, "latency_ns": a.latency_sum // a.count,
+                              "latency_ns_max": a.latency_max}
+                             for (off, order, iso, st), a in p.attempts.items()],
+            })
+        out.sort(key=lambda r: (-sum(a["count"] for a in r["attempts"]), -r["scans"],
+                                r["address"]))
+        return out
+
+
+def bitmap_count(bitmap: bytes) -> int:
+    return int.from_bytes(bitmap, "little").bit_count()
+
+
+def bitmap_bits(bitmap: bytes) -> list[bool]:
+    """PTE i's bit, for i in 0..511: bit i of the little-endian integer is bit i%8 of byte i//8."""
+    n = int.from_bytes(bitmap, "little")
+    return [bool(n >> i & 1) for i in range(len(bitmap) * 8)]

@@ -1,0 +1,109 @@
+"""pmd.PmdCorrelator and the grid view: PMD records from hand-packed 7.2 function-probe and
+isolate records, checked against bitmaps and offsets computed here by hand."""
+
+from __future__ import annotations
+
+from khdata import by_name, func_layouts_72, pack
+
+from khmon.pmd import PmdCorrelator, bitmap_bits
+from khmon.render import render_grid
+
+LAYS = by_name(func_layouts_72())
+SCAN, COL, ISO = LAYS["fn_pmd_scan"], LAYS["fn_collapse"], LAYS["mm_collapse_huge_page_isolate"]
+STATUS = {v: k for k, v in COL.fmt.symbols["result"].items()}  # 7.2's scan_result by name
+BITS = {"uffd_missing": 1 << 9, "uffd_wp": 1 << 12, "hugepage": 1 << 29}
+MM, PMD = 0xFFFF888012345600, 0x7F12_3440_0000
+# every 4th PTE empty: PTEs 3, 7, 11 ... clear, so each byte is 0b0111_0111
+EVERY4TH = bytes([0x77]) * 64
+
+
+def owner(**kw: int | bytes) -> dict:
+    return dict(tid=37, comm=b"khugepaged", owner_tgid=4242, owner_comm=b"khmon-workload", **kw)
+
+
+def scan(count: int, result: str, flags: int, address: int = PMD + 0x1234) -> bytes:
+    return pack(SCAN.fmt, SCAN.index, count=count, mm=MM, address=address, vm_start=PMD,
+                vm_end=PMD + (8 << 21), vm_flags=flags, result=STATUS[result], **owner())
+
+
+def attempt(offset: int, order: int, result: str, ts: int, dur: int,
+            bitmap: bytes = EVERY4TH) -> bytes:
+    return pack(COL.fmt, COL.index, ts=ts, mm=MM, address=PMD + offset * 4096, order=order,
+                present=bitmap, duration_ns=dur, result=STATUS[result], **owner())
+
+
+def isolate(status: str, ts: int, tid: int = 37) -> bytes:
+    return pack(ISO.fmt, ISO.index, ts=ts, tid=tid, order=9,
+                status={v: k for k, v in ISO.fmt.symbols["status"].items()}[status])
+
+
+def correlate(*batches: tuple) -> list[dict]:
+    c = PmdCorrelator(list(LAYS.values()), BITS)
+    for lay, recs in batches:
+        c.add(lay.index, b"".join(recs))
+    return c.records()
+
+
+def test_a_uffd_pmd_with_failed_attempts() -> None:
+    # One PMD scanned 5 times (a record and a flush of 4 repeats), two attempts per pass:
+    # order 9 at offset 0 and order 8 at offset 256, both rejected at isolate.
+    uffd = BITS["uffd_missing"] | BITS["hugepage"]
+    (p,) = correlate(
+        (ISO, [isolate("exceed_none_pte", ts=150), isolate("exceed_none_pte", ts=350)]),
+        (COL, [attempt(0, 9, "exceed_none_pte", ts=200, dur=100),
+               attempt(256, 8, "exceed_none_pte", ts=400, dur=100)]),
+        (SCAN, [scan(1, "failed", uffd), scan(4, "failed", uffd)]),
+    )
+    assert (p["pid"], p["comm"], p["address"], p["mm"]) == (
+        4242, "khmon-workload", hex(PMD), hex(MM))
+    assert (p["scans"], p["verdict"], p["uffd"], p["vma_flag_names"]) == (
+        5, "failed", True, ["hugepage", "uffd_missing"])
+    assert (p["bitmap"], p["bitmap_source"], p["present"]) == ("77" * 64, "kernel", 384)
+    assert [(a["offset"], a["order"], a["isolate_status"], a["status"], a["count"],
+             a["latency_ns"]) for a in p["attempts"]] == [
+        (0, 9, "exceed_none_pte", "exceed_none_pte", 1, 100),
+        (256, 8, "exceed_none_pte", "exceed_none_pte", 1, 100)]
+
+
+def test_isolates_of_other_threads_or_times_are_not_claimed() -> None:
+    (p,) = correlate((ISO, [isolate("exceed_none_pte", ts=150, tid=99),
+                            isolate("exceed_none_pte", ts=50)]),
+                     (COL, [attempt(0, 9, "succeeded", ts=200, dur=100)]))
+    assert p["attempts"][0]["isolate_status"] is None
+    assert p["attempts"][0]["status"] == "succeeded"
+
+
+def test_pmds_are_told_apart_and_sorted_by_attempts() -> None:
+    other = PMD + (2 << 20)
+    recs = correlate((SCAN, [scan(3, "succeeded", BITS["hugepage"], address=other),
+                             scan(1, "no_pte_table", 0)]),
+                     (COL, [attempt(0, 9, "succeeded", ts=1, dur=1)]))
+    assert [(r["address"], r["scans"], len(r["attempts"])) for r in recs] == [
+        (hex(PMD), 1, 1), (hex(other), 3, 0)]
+    assert recs[1]["uffd"] is False and recs[1]["bitmap"] is None
+
+
+def test_bitmap_bits_order() -> None:
+    b = bytearray(64)
+    b[0], b[63] = 0b0000_0101, 0b1000_0000  # PTEs 0, 2 and 511
+    assert [i for i, x in enumerate(bitmap_bits(bytes(b))) if x] == [0, 2, 511]
+
+
+def test_grid_marks_present_ptes_and_attempted_ranges() -> None:
+    (p,) = correlate((COL, [attempt(0, 9, "exceed_none_pte", ts=1, dur=1000),
+                            attempt(64, 6, "succeeded", ts=2, dur=2000)]))
+    out = render_grid(p)
+    rows = [line[6:] for line in out[2:10]]
+    assert len(rows) == 8 and all(len(r) == 64 for r in rows)
+    # Row 0 is inside only A (order 9): present PTEs upper case, every 4th lower case.
+    assert rows[0] == "AAAa" * 16
+    # Row 1 (PTEs 64..127) is B's range (order 6, the smaller one wins).
+    assert rows[1] == "BBBb" * 16
+    assert out[10].startswith("  A: offset 0 order 9 (512 PTEs): exceed_none_pte")
+    assert out[11].startswith("  B: offset 64 order 6 (64 PTEs): succeeded, 2.0 us mean, 1x")
+
+
+def test_grid_without_bitmap_or_attempts() -> None:
+    (p,) = correlate((SCAN, [scan(2, "no_pte_table", 0)]))
+    rows = [line[6:] for line in render_grid(p)[2:10]]
+    assert rows == ["?" * 64] * 8
