@@ -153,9 +153,15 @@ static __always_inline int khmon_excluded(struct khmon_hdr *h, u64 mm)
     return h->owner_tgid != FILTER_TGID && h->tgid != FILTER_TGID;
 }
 
-/* Look payload hash h up in its set. A repeat is counted (the hot path) and 1 returned.
- * Otherwise 0, with *way the slot to install the payload into; the repeats of the payload it
- * replaces (an empty way first, else a random one) are flushed. */
+/* Look payload hash h up in its set. A repeat is counted (the hot path): KHMON_REPEAT.
+ * Otherwise KHMON_INSTALL, with *way the slot to install the payload into (an empty one, else
+ * one not hit since user space last advanced the epoch; its repeats are flushed first), or
+ * KHMON_SEND when every way holds a payload hit this epoch: then the event is sent alone and
+ * the set keeps its payloads (a set with more busy payloads than ways would otherwise evict
+ * one on every event, a flush and an install record each time). */
+#define KHMON_REPEAT 0
+#define KHMON_INSTALL 1
+#define KHMON_SEND 2
 static __always_inline int khmon_repeat(struct khmon_set *st, u32 set, u64 h, u64 ep, u32 ev,
                                         u32 *way)
 {
@@ -173,7 +179,7 @@ static __always_inline int khmon_repeat(struct khmon_set *st, u32 set, u64 h, u6
          * completion on it. */
         if ((ec >> KHMON_EPOCH_SHIFT) == ep && (ec & 0xffffffffULL) < KHMON_COUNT_MAX) {
             s->ec = ec + 1;
-            return 1;
+            return KHMON_REPEAT;
         }
         /* First repeat since user space advanced the epoch: report it and those before
          * it, so counts stay live while the payload keeps its slot. */
@@ -181,13 +187,19 @@ static __always_inline int khmon_repeat(struct khmon_set *st, u32 set, u64 h, u6
         if (!(ec & KHMON_EXCLUDED))
             khmon_flush(ev, set * KHMON_WAYS + ((i - 1) & (KHMON_WAYS - 1)),
                         (ec & 0xffffffffULL) + 1);
-        return 1;
+        return KHMON_REPEAT;
     }
-    i = bpf_get_prandom_u32() & (KHMON_WAYS - 1);
+    i = KHMON_WAYS;
 #pragma unroll
     for (u32 j = 0; j < KHMON_WAYS; j++)
-        if (!st->w[KHMON_WAYS - 1 - j].fp)
-            i = KHMON_WAYS - 1 - j;
+        if ((st->w[j].ec >> KHMON_EPOCH_SHIFT) != ep)
+            i = j;
+#pragma unroll
+    for (u32 j = 0; j < KHMON_WAYS; j++)
+        if (!st->w[j].fp)
+            i = j;
+    if (i >= KHMON_WAYS)
+        return KHMON_SEND;
     struct khmon_slot *s = &st->w[i & (KHMON_WAYS - 1)];
     u64 ec = s->ec;
     if (s->fp && !(ec & KHMON_EXCLUDED) && (ec & 0xffffffffULL))
@@ -195,7 +207,7 @@ static __always_inline int khmon_repeat(struct khmon_set *st, u32 set, u64 h, u6
     s->fp = 0;
     s->ec = 0;
     *way = i & (KHMON_WAYS - 1);
-    return 0;
+    return KHMON_INSTALL;
 }
 
 EVENT_CODE

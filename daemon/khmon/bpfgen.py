@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .layout import COMMON_SIZE, DEDUP_FLUSH, DEDUP_INSTALL, STR_LEN, EventLayout
+from .ptwalk import c_code as ptwalk_c
 
 BPF_SOURCE_CANDIDATES = (
     Path(__file__).resolve().parents[2] / "bpf" / "khmon.bpf.c",  # a checkout
@@ -38,7 +39,10 @@ class OwnerOffsets:
 @dataclass(frozen=True)
 class ProbeConfig:
     ringbuf_pages: int = 1024
-    dedup_slots: int = 16384  # per CPU and scan event, 16 bytes each; a power of two
+    # Per CPU and scan event, 16 bytes each (512 KiB), a power of two. 4,096 PMDs rescanned in
+    # a loop fill half the ways, and about one set in 6,000 holds more than four payloads;
+    # 65,536 slots would halve the repeats sent alone but cost TLB misses on every event.
+    dedup_slots: int = 32768
     filter_tgid: int = 0
 
 
@@ -64,11 +68,26 @@ def _copy_strings(lay: EventLayout, dst: str) -> list[str]:
     return out
 
 
-def _mm_expr(lay: EventLayout, src: str) -> list[str]:
+def _mm_expr(lay: EventLayout, body: str) -> list[str]:
     if lay.mm_field is None:
         return ["    u64 mm = 0;"]
     off = lay.mm_field.offset - COMMON_SIZE
-    return ["    u64 mm = 0;", f"    __builtin_memcpy(&mm, &{src}.b[{off}], 8);"]
+    return ["    u64 mm = 0;", f"    __builtin_memcpy(&mm, &{body}[{off}], 8);"]
+
+
+def _ptwalk_call(lay: EventLayout, dst: str) -> list[str]:
+    """Walk the PMD's PTE table (khmon.ptwalk) into the record's bitmap fields."""
+    at = {f.name: f.offset - COMMON_SIZE for f in lay.fields}
+    return [
+        "    {",
+        "        u64 pw_mm = 0, pw_addr = 0;",
+        f"        __builtin_memcpy(&pw_mm, &{dst}.b[{at['mm']}], 8);",
+        f"        __builtin_memcpy(&pw_addr, &{dst}.b[{at['address']}], 8);",
+        f"        int walk = khmon_ptwalk(pw_mm, pw_addr, (struct khmon_ptbits *)&{dst}.b["
+        f"{at['present']}]);",
+        f"        __builtin_memcpy(&{dst}.b[{at['walk']}], &walk, 4);",
+        "    }",
+    ]
 
 
 def _arg(mode: str, i: int) -> str:
@@ -88,6 +107,8 @@ def _fill(lay: EventLayout, mode: str, dst: str) -> list[str]:
             else:
                 out.append(f"    bpf_probe_read_kernel(&{dst}.b[{off}], {f.size}, "
                            f"(void *)({_arg(mode, c.arg)} + {c.deref}));")
+        if lay.func.ptwalk is not None:
+            out += _ptwalk_call(lay, dst)
         return out
     if lay.raw:
         # TP_PROTO arguments, each a u64 in ctx->args[]; keep the low `size` bytes.
@@ -135,7 +156,7 @@ def _event_code(lay: EventLayout, mode: str) -> str:
         return "\n".join(lines + _exit_pair(lay, mode)) + "\n"
     if not lay.hot:
         lines += [_sig(lay, mode), "{", f"    struct rec_{n} r = {{}};", f"    u32 ev = {idx};",
-                  *_fill(lay, mode, "r"), *_mm_expr(lay, "r"), *_EMIT]
+                  *_fill(lay, mode, "r"), *_mm_expr(lay, "r.b"), *_EMIT]
         return "\n".join(lines) + "\n"
     lines += [
         *_dedup_key(lay),
@@ -145,9 +166,14 @@ def _event_code(lay: EventLayout, mode: str) -> str:
         f"    u32 ev = {idx};",
         "    k.tid = (u32)bpf_get_current_pid_tgid();",
         *_fill(lay, mode, "k"),
-        *_dedup_tail(lay),
+        *_dedup_tail(lay, [f"w[{i}]" for i in range(_key_size(lay) // 8)]),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _key_size(lay: EventLayout) -> int:
+    """sizeof(struct dkey_<event>): thread id, padding, body and strings, in whole words."""
+    return -(-(8 + lay.body_size + len(lay.strings) * STR_LEN) // 8) * 8
 
 
 def _dedup_key(lay: EventLayout) -> list[str]:
@@ -155,33 +181,44 @@ def _dedup_key(lay: EventLayout) -> list[str]:
     n = lay.name
     strs = f"    char s[{len(lay.strings)}][{STR_LEN}];\n" if lay.strings else ""
     return [f"struct dkey_{n} {{\n    u32 tid;\n    u32 pad;\n    u8 b[{lay.body_size}];\n{strs}"
-            "} __attribute__((aligned(8)));",
-            f"BPF_PERCPU_ARRAY(dsets_{n}, struct khmon_set, DEDUP_SLOTS / KHMON_WAYS);"]
+            "} __attribute__((aligned(8)));", *_dedup_sets(lay)]
 
 
-def _dedup_tail(lay: EventLayout) -> list[str]:
-    """With key `k` filled: count a repeat, or send the payload and install it in a slot."""
+def _dedup_sets(lay: EventLayout) -> list[str]:
+    return [f"BPF_PERCPU_ARRAY(dsets_{lay.name}, struct khmon_set, DEDUP_SLOTS / KHMON_WAYS);"]
+
+
+def _dedup_tail(lay: EventLayout, words: list[str], record_ready: bool = False) -> list[str]:
+    """Hash the key `words` (C expressions of u64s), then count a repeat, or send the
+    payload and install it in a slot. The record `r` is built from key `k` unless
+    `record_ready` (it holds the body already)."""
     n = lay.name
-    key_size = -(-(8 + lay.body_size + len(lay.strings) * STR_LEN) // 8) * 8
+    build = [] if record_ready else [
+        f"    struct rec_{n} r = {{}};",
+        "    __builtin_memcpy(r.b, k.b, sizeof(k.b));",
+        *(["    __builtin_memcpy(r.s, k.s, sizeof(k.s));"] if lay.strings else []),
+    ]
     return [
-        "    u64 *w = (u64 *)&k;",
+        *(["    u64 *w = (u64 *)&k;"] if not record_ready else []),
         "    u64 h = 0x9e3779b97f4a7c15ULL;",
-        *(f"    h = khmon_mix(h, w[{i}]);" for i in range(key_size // 8)),
+        *(f"    h = khmon_mix(h, {w});" for w in words),
         "    h = khmon_fmix(h);",
         "    u32 set = h & (DEDUP_SLOTS / KHMON_WAYS - 1);",
         "    h |= 1;  /* 0 marks an empty slot */",
         f"    struct khmon_set *st = dsets_{n}.lookup(&set);",
         "    u32 way = 0;",
-        "    if (!st || khmon_repeat(st, set, h, khmon_epoch(), ev, &way))",
+        "    if (!st)",
         "        return 0;",
-        f"    struct rec_{n} r = {{}};",
-        "    __builtin_memcpy(r.b, k.b, sizeof(k.b));",
-        *(["    __builtin_memcpy(r.s, k.s, sizeof(k.s));"] if lay.strings else []),
-        *_mm_expr(lay, "k"),
+        "    int got = khmon_repeat(st, set, h, khmon_epoch(), ev, &way);",
+        "    if (got == KHMON_REPEAT)",
+        "        return 0;",
+        *build,
+        *_mm_expr(lay, "r.b"),
         "    khmon_fill_hdr(&r.h, ev, mm);",
         "    u64 excluded = khmon_excluded(&r.h, mm) ? KHMON_EXCLUDED : 0;",
         "    if (!excluded) {",
-        "        r.h.flags = DEDUP_INSTALL | (set * KHMON_WAYS + way);",
+        "        if (got == KHMON_INSTALL)",
+        "            r.h.flags = DEDUP_INSTALL | (set * KHMON_WAYS + way);",
         "        khmon_add(ev, 1, 0);",
         "        if (events.ringbuf_output(&r, sizeof(r), 0) != 0) {",
         "            /* Not installed: its repeats would have no record to count against. */",
@@ -189,6 +226,8 @@ def _dedup_tail(lay: EventLayout) -> list[str]:
         "            return 0;",
         "        }",
         "    }",
+        "    if (got == KHMON_SEND)",
+        "        return 0;",
         "    struct khmon_slot *slot = &st->w[way & (KHMON_WAYS - 1)];",
         "    slot->fp = h;",
         "    slot->ec = (khmon_epoch() << KHMON_EPOCH_SHIFT) | excluded;",
@@ -204,14 +243,22 @@ def _exit_pair(lay: EventLayout, mode: str) -> list[str]:
     res = next(f for f in lay.fields if f.name == "result").offset - COMMON_SIZE
     ret = f"ctx[{lay.func.nargs}]" if mode == "kfunc" else "PT_REGS_RC(ctx)"
     if lay.hot:
+        # The key is (thread, body with the verdict), hashed straight from the record:
+        # a second copy of a body this size would not fit the 512-byte BPF stack.
+        full, rem = divmod(lay.body_size, 8)
+        words = ["(u64)tid", *(f"*(u64 *)&r.b[{8 * i}]" for i in range(full))]
+        tail = []
+        if rem:
+            tail = ["    u64 last = 0;", f"    __builtin_memcpy(&last, &r.b[{8 * full}], {rem});"]
+            words.append("last")
         exit_body = [
-            f"    struct dkey_{n} k = {{}};",
-            "    k.tid = tid;",
-            "    __builtin_memcpy(k.b, s->b, sizeof(k.b));",
+            f"    struct rec_{n} r = {{}};",
+            "    __builtin_memcpy(r.b, s->b, sizeof(r.b));",
             f"    fstash_{n}.delete(&tid);",
             f"    int ret = (int){ret};",
-            f"    __builtin_memcpy(&k.b[{res}], &ret, 4);",
-            *_dedup_tail(lay),
+            f"    __builtin_memcpy(&r.b[{res}], &ret, 4);",
+            *tail,
+            *_dedup_tail(lay, words, record_ready=True),
         ]
     else:
         dur = next(f for f in lay.fields if f.name == "duration_ns").offset - COMMON_SIZE
@@ -223,11 +270,11 @@ def _exit_pair(lay: EventLayout, mode: str) -> list[str]:
             f"    __builtin_memcpy(&r.b[{dur}], &dur, 8);",
             f"    __builtin_memcpy(&r.b[{res}], &ret, 4);",
             f"    fstash_{n}.delete(&tid);",
-            *_mm_expr(lay, "r"),
+            *_mm_expr(lay, "r.b"),
             *_EMIT,
         ]
     return [
-        *(_dedup_key(lay) if lay.hot else []),
+        *(_dedup_sets(lay) if lay.hot else []),
         f"struct fstash_{n} {{\n    u64 ts;\n    u8 b[{lay.body_size}];\n}};",
         f"BPF_HASH(fstash_{n}, u32, struct fstash_{n}, 4096);",
         _sig(lay, mode),
@@ -271,4 +318,6 @@ def generate(layouts: list[EventLayout], owner: OwnerOffsets, cfg: ProbeConfig,
     defines = "".join(f"#define {key} {val}\n" for key, val in values.items())
     code = "\n".join(_event_code(lay, func_mode or "") for lay in layouts
                      if lay.func is None or func_mode)
+    walks = {lay.func.ptwalk for lay in layouts if func_mode and lay.func and lay.func.ptwalk}
+    code = "".join(ptwalk_c(w) + "\n" for w in walks) + code
     return defines + re.sub(r"^EVENT_CODE$", lambda _: code, text, count=1, flags=re.M)

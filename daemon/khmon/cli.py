@@ -45,9 +45,9 @@ EbpfOpt = Annotated[bool, typer.Option("--ebpf", hidden=True,
 RingOpt = Annotated[int, typer.Option("--ringbuf-pages", min=1,
                                       help="Ring buffer size in pages (a power of two).")]
 DedupOpt = Annotated[int, typer.Option("--dedup-slots", min=1,
-                                       help="Dedup slots per CPU for scan events (a power of "
-                                       "two, 16 bytes each); more slots, fewer payloads "
-                                       "evicting each other and sent again.")]
+                                       help="Dedup slots per CPU for each scan event (a power "
+                                       "of two, 16 bytes each): enough for the PMDs "
+                                       "khugepaged rescans, or repeats are sent again.")]
 
 
 def _guard(fn: Callable[[], T]) -> T:
@@ -148,7 +148,7 @@ def record(
                                                    "Ctrl-C or SIGTERM).")] = None,
     pid: PidOpt = 0,
     ringbuf_pages: RingOpt = 1024,
-    dedup_slots: DedupOpt = 16384,
+    dedup_slots: DedupOpt = 32768,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
     ebpf: EbpfOpt = False,
 ) -> None:
@@ -182,7 +182,7 @@ def report(
     pid: PidOpt = 0,
     as_json: JsonOpt = False,
     ringbuf_pages: RingOpt = 1024,
-    dedup_slots: DedupOpt = 16384,
+    dedup_slots: DedupOpt = 32768,
     grid: Annotated[int, typer.Option("--grid", min=0, help=(
         "Draw this many PMDs (most collapse attempts first) as 8x64 grids of their PTEs, "
         "attempted ranges marked."))] = 0,

@@ -13,6 +13,7 @@ import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from . import ptwalk
 from .bpfgen import ProbeConfig
 from .btf import Btf
 from .errors import KhmonError
@@ -112,6 +113,12 @@ def run_checks(trial: bool = True) -> list[Check]:
                   else "absent (CONFIG_KALLSYMS_ALL off, or hidden): no BPF page-table walk",
                   "kallsyms_data" if sym == "page_offset_base" else ""))
 
+    if btf is not None:
+        walk, why = ptwalk.plan_or_reason(btf, ptwalk.kallsyms_addresses(ptwalk.SYMBOLS))
+        add(Check("bitmap", "ptwalk (BPF walk of the PTE table)", "ok" if walk else "info",
+                  f"possible: mm_struct.pgd at {walk.mm_pgd}, paging {walk.paging}, zero page "
+                  f"via {walk.zero_page or 'nothing (not told apart)'}" if walk else why,
+                  "ptwalk"))
     checks.append(_headers())
     if trial and root:
         checks.extend(_trials(btf, syms))
@@ -140,7 +147,7 @@ def _tier_summary(t: dict[str, bool]) -> list[Check]:
     funcs = [k for k in ("kfunc", "kprobe") if t.get(k)]
     bitmaps = [name for name, ok in (
         ("kernel", t.get("mthp_present_ptes") and funcs),
-        ("ptwalk", t.get("kallsyms_data") and funcs),
+        ("ptwalk", t.get("ptwalk") and funcs),
         ("pagemap", True), ("inferred", True)) if ok]
     return [
         Check("tier", "1 tracepoints", "info", "yes" if t.get("tracepoints") else
@@ -148,7 +155,8 @@ def _tier_summary(t: dict[str, bool]) -> list[Check]:
         Check("tier", "2 function probes", "info", " and ".join(funcs) if funcs else
               "none: tracepoints only"),
         Check("tier", "3 bitmap sources", "info", "this kernel allows " + ", ".join(bitmaps)
-              + " (khmon does not build per-PMD bitmaps yet)"),
+              + "; khmon uses kernel where it can, else ptwalk (pagemap and inferred are "
+              "not built yet)"),
     ]
 
 

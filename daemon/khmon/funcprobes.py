@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .btf import Btf
+from .geometry import BITMAP_BYTES
 from .layout import EventLayout, fields_at
+from .ptwalk import PTBITS, PtWalkPlan, kallsyms_addresses
 from .tpformat import EventFormat
 
 SYSTEM = "khmon"
@@ -37,7 +39,6 @@ VMA_FLAG_NAMES = ("UFFD_MISSING", "UFFD_WP", "UFFD_MINOR", "HUGEPAGE")
 # The mTHP collapse series' bitmap of present PTEs: unsigned long[8] on x86-64, one bit per PTE
 # of the PMD (bit k of byte j is PTE 8j+k), filled by the scan before collapse_huge_page.
 BITMAP_MEMBER = "mthp_present_ptes"
-BITMAP_BYTES = 64
 
 
 @dataclass(frozen=True)
@@ -62,21 +63,24 @@ class FuncProbe:
     exit: bool  # pair entry with exit: result (the return value), and duration_ns unless hot
     mm: Capture | None  # how to find the mm, for the owning process
     hot: bool = False  # once per PMD scanned: deduplicated in the kernel
+    ptwalk: PtWalkPlan | None = None  # walk the PMD's PTE table at entry (khmon.ptwalk)
+
+
+# struct khmon_ptbits (khmon.ptwalk) as record fields, then the walk's return code.
+PTWALK_FIELDS = (("present", "u8[64]", 64, False), ("swap", "u8[64]", 64, False),
+                 ("zero", "u8[64]", 64, False), ("none_ptes", "u16", 2, False),
+                 ("swap_ptes", "u16", 2, False), ("zero_ptes", "u16", 2, False),
+                 ("present_ptes", "u16", 2, False), ("levels", "u16", 2, False),
+                 ("zero_known", "u16", 2, False), ("pad0", "u16", 2, False),
+                 ("pad1", "u16", 2, False), ("pmd_entry", "u64", 8, False),
+                 ("walk", "int", 4, True))
+assert sum(size for _, _, size, _ in PTWALK_FIELDS[:-1]) == PTBITS.size
 
 
 def kallsyms_text(names: tuple[str, ...]) -> set[str]:
     """Which of these names /proc/kallsyms lists (an inlined function is in BTF only if
     some copy survived, and attaching needs the symbol)."""
-    wanted, found = set(names), set()
-    try:
-        with open("/proc/kallsyms") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 3 and parts[2] in wanted:
-                    found.add(parts[2])
-    except OSError:
-        pass
-    return found
+    return set(kallsyms_addresses(names))
 
 
 def _find(btf: Btf, kallsyms: set[str], names: tuple[str, ...]) -> tuple[str, list] | None:
@@ -87,8 +91,11 @@ def _find(btf: Btf, kallsyms: set[str], names: tuple[str, ...]) -> tuple[str, li
     return None
 
 
-def plan(btf: Btf, kallsyms: set[str]) -> list[FuncProbe]:
-    """The function probes this kernel allows; empty when it has none of the functions."""
+def plan(btf: Btf, kallsyms: set[str], ptwalk: PtWalkPlan | None = None) -> list[FuncProbe]:
+    """The function probes this kernel allows; empty when it has none of the functions.
+    `ptwalk`: walk each scanned PMD's PTE table for its bitmap, where collapse_control does
+    not carry one (kernels before the mTHP collapse series)."""
+    has_bitmap = btf.member_offset("collapse_control", BITMAP_MEMBER) is not None
     vma = {m: btf.member_offset("vm_area_struct", m) for m in ("vm_start", "vm_end", "vm_flags",
                                                                  "vm_mm")}
     out: list[FuncProbe] = []
@@ -104,7 +111,7 @@ def plan(btf: Btf, kallsyms: set[str]) -> list[FuncProbe]:
             out.append(FuncProbe(PMD_SCAN, func, len(params), (
                 mm, Capture("address", addr), Capture("vm_start", v, vma["vm_start"]),
                 Capture("vm_end", v, vma["vm_end"]), Capture("vm_flags", v, vma["vm_flags"]),
-            ), exit=True, mm=mm, hot=True))
+            ), exit=True, mm=mm, hot=True, ptwalk=None if has_bitmap else ptwalk))
     found = _find(btf, kallsyms, (COLLAPSE_FUNC,))
     if found:
         func, params = found
@@ -129,6 +136,7 @@ def layouts(probes: list[FuncProbe], first_index: int, result_names: dict[int, s
     out = []
     for i, p in enumerate(probes):
         specs = [(c.field, _ctype(c), c.size, c.signed) for c in p.captures]
+        specs += list(PTWALK_FIELDS) if p.ptwalk else []
         symbols = {}
         if p.exit:
             specs += [] if p.hot else [("duration_ns", "u64", 8, False)]

@@ -33,12 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import KhmonError
+from .geometry import BITMAP_BYTES, PAGE, PMD_MASK, PMD_SIZE, PTES
 
-PAGE = 4096
-PMD_SIZE = 2 << 20
-PMD_MASK = ~(PMD_SIZE - 1)
-PTES = PMD_SIZE // PAGE  # 512
-BITMAP_BYTES = PTES // 8  # 64: the kernel's unsigned long[8] dumped as bytes
 ENTRY = 8  # bytes per pagemap / kpageflags entry
 
 PM_PRESENT = 1 << 63
@@ -116,16 +112,23 @@ class PmdPages:
         return self.present.hex()
 
 
-def _pread(path: Path, size: int, offset: int) -> bytes | None:
-    """One pread of a /proc file; None when the process is gone."""
+def _open(path: Path) -> int | None:
+    """A /proc file opened for reading; None when the process is gone."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except PermissionError as e:
         raise _denied(path) from e
     except OSError as e:
         if e.errno in _GONE:
             return None
         raise
+
+
+def _pread(path: Path, size: int, offset: int) -> bytes | None:
+    """One pread of a /proc file; None when the process is gone."""
+    fd = _open(path)
+    if fd is None:
+        return None
     try:
         return os.pread(fd, size, offset)
     except OSError as e:
@@ -349,14 +352,9 @@ class PfnIndex:
         if vmas is None:
             return None
         path = self.root / str(pid) / "pagemap"
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except PermissionError as e:
-            raise _denied(path) from e
-        except OSError as e:
-            if e.errno in _GONE:
-                return None
-            raise
+        fd = _open(path)
+        if fd is None:
+            return None
         pfns, addrs, lens = array("Q"), array("Q"), array("Q")
         last_pfn = last_addr = -1
         try:

@@ -1,8 +1,10 @@
 """One record per PMD: what khugepaged saw there and what it tried.
 
 The correlator turns the function-probe events of a stream into PMD records:
-  fn_pmd_scan  (per-PMD function, exit)  mm, PMD address, VMA flags, verdict; counted, since
-               the kernel deduplicates rescans that find the same PMD in the same state;
+  fn_pmd_scan  (per-PMD function, exit)  mm, PMD address, VMA flags, verdict and, before the
+               mTHP series, the bitmap of a BPF walk of the PTE table at entry (source
+               `ptwalk`); counted, since the kernel deduplicates rescans that find the same
+               PMD in the same state;
   fn_collapse  (collapse_huge_page exit) one attempt: start address, order, result, duration,
                and on the mTHP series the scan's bitmap of present PTEs (source `kernel`);
   mm_collapse_huge_page_isolate          the isolate verdict of the attempt that encloses it
@@ -23,12 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import funcprobes
+from .geometry import PAGE_SHIFT, PMD_MASK, PMD_ORDER
 from .layout import EventLayout
 
-PAGE_SHIFT = 12
-PTES = 512  # PTEs per PMD on x86-64 (4 KiB pages, 2 MiB PMDs)
-PMD_ORDER = 9  # the order of a whole-PMD collapse, where the kernel's events have no order
-PMD_MASK = ~((PTES << PAGE_SHIFT) - 1)
 ISOLATE = "mm_collapse_huge_page_isolate"
 
 
@@ -51,6 +50,8 @@ class _Pmd:
     bitmap: bytes | None = None
     bitmap_source: str | None = None
     bitmaps_seen: set[bytes] = field(default_factory=set)
+    # none, swap and zero-page PTEs where the source tells them apart (ptwalk)
+    ptes: dict[str, int] | None = None
     # (offset, order, isolate status, result) -> counts and latency, in first-seen order
     attempts: dict[tuple[int, int, str | None, str], _Attempt] = field(default_factory=dict)
 
@@ -95,6 +96,11 @@ class PmdCorrelator:
         p.scans += rec.count
         p.vm_flags = rec.vm_flags
         p.verdicts[self.scan.fmt.symbol("result", rec.result)] += rec.count
+        if getattr(rec, "walk", None) == 0:  # the PTE walk reached the PTE table
+            p.bitmap, p.bitmap_source = rec.present, "ptwalk"
+            p.bitmaps_seen.add(rec.present)
+            p.ptes = {"none": rec.none_ptes, "swap": rec.swap_ptes,
+                      "zero": rec.zero_ptes if rec.zero_known else None}
 
     def _isolate(self, rec: Any) -> None:
         self._isolates[rec.tid].append((rec.ts, self.isolate.fmt.symbol("status", rec.status)))
@@ -115,7 +121,7 @@ class PmdCorrelator:
         a.latency_sum += rec.duration_ns * rec.count
         a.latency_max = max(a.latency_max, rec.duration_ns)
         present = getattr(rec, "present", None)
-        if present is not None:
+        if present is not None and p.bitmap_source != "ptwalk":
             p.bitmap, p.bitmap_source = present, "kernel"
             p.bitmaps_seen.add(present)
 
@@ -141,6 +147,7 @@ class PmdCorrelator:
                 "bitmap_source": p.bitmap_source,
                 "present": bitmap_count(p.bitmap) if p.bitmap is not None else None,
                 "bitmaps_seen": len(p.bitmaps_seen),
+                "ptes": p.ptes,
                 "attempts": [{"offset": off, "order": order, "isolate_status": iso, "status": st,
                               "count": a.count, "latency_ns": a.latency_sum // a.count,
                               "latency_ns_max": a.latency_max}

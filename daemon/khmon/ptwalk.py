@@ -26,8 +26,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from .btf import Btf
+from .geometry import PTES
 
-PTES = 512
 KALLSYMS = "/proc/kallsyms"
 SYMBOLS = ("page_offset_base", "__pgtable_l5_enabled", "physical_mask", "zero_pfn",
            "empty_zero_page", "phys_base")

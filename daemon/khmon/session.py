@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-from . import funcprobes
+from . import funcprobes, ptwalk
 from .bpfgen import OwnerOffsets, ProbeConfig
 from .btf import Btf
 from .errors import EXIT_BAD_INPUT, KhmonError
@@ -50,7 +50,8 @@ def kernel_layouts(btf: Btf) -> list[EventLayout]:
     status = next((lay.fmt.symbols.get("status", {}) for lay in layouts
                    if lay.name == "mm_collapse_huge_page"), {})
     funcs = funcprobes.plan(btf, funcprobes.kallsyms_text(
-        (*funcprobes.PMD_ENTRY_FUNCS, funcprobes.COLLAPSE_FUNC)))
+        (*funcprobes.PMD_ENTRY_FUNCS, funcprobes.COLLAPSE_FUNC)),
+        ptwalk.plan(btf, ptwalk.kallsyms_addresses(ptwalk.SYMBOLS)))
     return layouts + funcprobes.layouts(funcs, len(layouts), status)
 
 

@@ -21,11 +21,9 @@ import sys
 import time
 from collections.abc import Callable
 
+from .geometry import PAGE, PMD_SIZE, PTES
 from .sysfs import KHUGEPAGED
 
-PAGE = mmap.PAGESIZE
-PMD_SIZE = 2 << 20
-PTES = PMD_SIZE // PAGE
 COMM = b"khmon-workload"
 PR_SET_NAME = 15
 

@@ -164,3 +164,12 @@ def func_layouts_72() -> list[EventLayout]:
     status = by_name(tps)["mm_collapse_huge_page"].fmt.symbols["status"]
     return tps + funcprobes.layouts(funcprobes.plan(FakeBtf72(FUNCS_72), set(FUNCS_72)),
                                     len(tps), status)
+
+
+def func_layouts_61(ptw) -> list[EventLayout]:
+    """6.1's tracepoint layouts followed by its function-probe layouts, with the PTE walk."""
+    from khmon import funcprobes
+    tps = layouts("6.1")
+    status = by_name(tps)["mm_collapse_huge_page"].fmt.symbols["status"]
+    return tps + funcprobes.layouts(funcprobes.plan(FakeBtf(FUNCS_61), set(FUNCS_61), ptw),
+                                    len(tps), status)

@@ -50,7 +50,7 @@ def test_defines(src_6_18: str) -> None:
     generated = src_6_18[:src_6_18.index("/*")]  # the template's own defines come later
     defines = dict(re.findall(r"^#define (\w+) (\S+)$", generated, re.M))
     assert defines == {
-        "NR_EVENTS": "6", "RINGBUF_PAGES": "1024", "DEDUP_SLOTS": "16384",
+        "NR_EVENTS": "6", "RINGBUF_PAGES": "1024", "DEDUP_SLOTS": "32768",
         "DEDUP_INSTALL": "0x40000000U", "DEDUP_FLUSH": "0x80000000U", "FILTER_TGID": "0",
         "HAVE_OWNER": "1", "MM_OWNER_OFF": "1296", "TASK_TGID_OFF": "1268",
         "TASK_COMM_OFF": "1752",
@@ -97,7 +97,7 @@ def test_body_sizes_and_copy_offsets(src_6_18: str) -> None:
     assert "struct rec_mm_collapse_huge_page {\n    struct khmon_hdr h;\n    u8 b[16];\n};" \
         in src_6_18
     # the mm pointer is at format offset 8, body offset 0
-    assert "__builtin_memcpy(&mm, &k.b[0], 8);" in src_6_18
+    assert "__builtin_memcpy(&mm, &r.b[0], 8);" in src_6_18
     assert "(char *)ctx + 8);" in src_6_18
 
 

@@ -8,6 +8,7 @@ from khdata import FUNCS_61, FUNCS_72, FakeBtf, FakeBtf72, layouts
 from khmon.bpfgen import OwnerOffsets, ProbeConfig, generate
 from khmon.funcprobes import COLLAPSE, PMD_SCAN, Capture, plan
 from khmon.funcprobes import layouts as func_layouts
+from khmon.ptwalk import PtWalkPlan
 
 
 def test_plan_on_6_1() -> None:
@@ -69,3 +70,29 @@ def test_generated_c_for_fentry_and_kprobes() -> None:
     assert "PT_REGS_RC(ctx)" in kp and "PT_REGS_PARM6(ctx)" in kp
     none = generate(tps + fl, owner, ProbeConfig(), func_mode=None)
     assert "fn_collapse" not in none and "#define NR_EVENTS 8" in none
+
+
+PTW = PtWalkPlan(72, 0xFFFFFFFFAD215740, 0xFFFFFFFFAD000010, None, 0xFFFFFFFFAD000020, None, None)
+
+
+def test_ptwalk_only_where_collapse_control_has_no_bitmap() -> None:
+    scan61 = plan(FakeBtf(FUNCS_61), set(FUNCS_61), PTW)[0]
+    assert scan61.ptwalk == PTW
+    scan72 = plan(FakeBtf72(FUNCS_72), set(FUNCS_72), PTW)[0]
+    assert scan72.ptwalk is None  # 7.2 has mthp_present_ptes: the kernel's own bitmap wins
+
+
+def test_ptwalk_fields_and_generated_call() -> None:
+    tps = layouts("6.1")
+    scan, _col = func_layouts(plan(FakeBtf(FUNCS_61), set(FUNCS_61), PTW), len(tps),
+                              {1: "succeeded"})
+    at = {f.name: (f.offset, f.size) for f in scan.fields}
+    # struct khmon_ptbits lands 8-aligned right after the five u64 captures (format offset 48)
+    assert at["present"] == (48, 64) and at["swap"] == (112, 64) and at["zero"] == (176, 64)
+    assert at["none_ptes"] == (240, 2) and at["pmd_entry"] == (256, 8)
+    assert at["walk"] == (264, 4) and at["result"] == (268, 4)
+    src = generate([*tps, scan], OwnerOffsets(1, 2, 3), ProbeConfig(), func_mode="kprobe")
+    assert "static __always_inline int khmon_ptwalk(" in src
+    assert "khmon_ptwalk(pw_mm, pw_addr, (struct khmon_ptbits *)&s.b[40]);" in src
+    # the exit hashes the record in place: thread id, then every whole word of the body
+    assert "h = khmon_mix(h, (u64)tid);" in src and "h = khmon_mix(h, *(u64 *)&r.b[256]);" in src

@@ -107,3 +107,29 @@ def test_grid_without_bitmap_or_attempts() -> None:
     (p,) = correlate((SCAN, [scan(2, "no_pte_table", 0)]))
     rows = [line[6:] for line in render_grid(p)[2:10]]
     assert rows == ["?" * 64] * 8
+
+
+def test_ptwalk_bitmap_on_6_1() -> None:
+    from khdata import func_layouts_61
+
+    from khmon.ptwalk import PtWalkPlan
+
+    lays = by_name(func_layouts_61(PtWalkPlan(72, 1, None, None, 2, None, None)))
+    scan61 = lays["fn_pmd_scan"]
+    result = {v: k for k, v in scan61.fmt.symbols["result"].items()}
+    first_half = bytes([0xFF]) * 32 + bytes(32)  # PTEs 0..255 present
+    swap = bytes(31) + bytes([0x80]) + bytes(32)  # PTE 255 is a swap entry, hand-placed
+    walked = pack(scan61.fmt, scan61.index, count=7, mm=MM, address=PMD, vm_flags=0,
+                  present=first_half, swap=swap, zero=bytes(64), none_ptes=255, swap_ptes=1,
+                  zero_ptes=0, present_ptes=256, levels=5, zero_known=1, walk=0,
+                  result=result["exceed_none_pte"], **owner())
+    huge = pack(scan61.fmt, scan61.index, count=3, mm=MM, address=PMD + (2 << 20),
+                walk=-7, result=result["page_pmd_mapped"], **owner())
+    c = PmdCorrelator(list(lays.values()), BITS)
+    c.add(scan61.index, walked + huge)
+    a, b = sorted(c.records(), key=lambda r: r["address"])
+    assert (a["bitmap"], a["bitmap_source"], a["present"], a["ptes"]) == (
+        "ff" * 32 + "00" * 32, "ptwalk", 256, {"none": 255, "swap": 1, "zero": 0})
+    assert (a["scans"], a["verdict"]) == (7, "exceed_none_pte")
+    # a walk that stopped at a huge PMD gives no bitmap, not an empty one
+    assert (b["bitmap"], b["bitmap_source"], b["verdict"]) == (None, None, "page_pmd_mapped")

@@ -12,7 +12,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 [[ $# -eq 1 ]] || { echo "usage: suite.sh <6.1|7.2>" >&2; exit 2; }
 case "$1" in
-  6.1) expect="kfunc,kprobe,kallsyms_data" ;;
+  6.1) expect="kfunc,kprobe,kallsyms_data,ptwalk" ;;
   7.2) expect="kfunc,kprobe,order,mthp_present_ptes,per_order_stats" ;;
   *) echo "suite.sh: unknown kernel series '$1' (expected 6.1 or 7.2)" >&2; exit 2 ;;
 esac
