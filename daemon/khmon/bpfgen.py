@@ -44,6 +44,7 @@ class ProbeConfig:
     # 65,536 slots would halve the repeats sent alone but cost TLB misses on every event.
     dedup_slots: int = 32768
     filter_tgid: int = 0
+    ptwalk: bool = True  # the ptwalk bitmap source, where the kernel has no bitmap of its own
 
 
 def template() -> str:

@@ -293,7 +293,7 @@ def _generated_c(cfg: ProbeConfig) -> str:
 
     btf = Btf.from_kernel()
     # As LiveProbes compiles it first: function probes as fentry/fexit.
-    return generate(kernel_layouts(btf), owner_offsets(btf), cfg, func_mode="kfunc")
+    return generate(kernel_layouts(btf, cfg.ptwalk), owner_offsets(btf), cfg, func_mode="kfunc")
 
 
 def version_callback(value: bool) -> None:

@@ -40,7 +40,7 @@ def owner_offsets(btf: Btf) -> OwnerOffsets:
     )
 
 
-def kernel_layouts(btf: Btf) -> list[EventLayout]:
+def kernel_layouts(btf: Btf, ptwalk_bitmaps: bool = True) -> list[EventLayout]:
     """The running kernel's khugepaged events, as khmon will trace them: raw tracepoints for
     hot events whose arguments BTF names (__bpf_trace_<event>), the format otherwise, then
     the function-probe events the kernel's BTF and kallsyms allow (which of them load is
@@ -51,7 +51,7 @@ def kernel_layouts(btf: Btf) -> list[EventLayout]:
                    if lay.name == "mm_collapse_huge_page"), {})
     funcs = funcprobes.plan(btf, funcprobes.kallsyms_text(
         (*funcprobes.PMD_ENTRY_FUNCS, funcprobes.COLLAPSE_FUNC)),
-        ptwalk.plan(btf, ptwalk.kallsyms_addresses(ptwalk.SYMBOLS)))
+        ptwalk.plan(btf, ptwalk.kallsyms_addresses(ptwalk.SYMBOLS)) if ptwalk_bitmaps else None)
     return layouts + funcprobes.layouts(funcs, len(layouts), status)
 
 
@@ -69,7 +69,7 @@ class LiveCapture:
     def __init__(self, cfg: ProbeConfig, with_kprobe_stub: bool = False) -> None:
         self.cfg = cfg
         btf = Btf.from_kernel()
-        layouts = kernel_layouts(btf)
+        layouts = kernel_layouts(btf, cfg.ptwalk)
         self.owner = owner_offsets(btf)
         self.vma_flags = funcprobes.vma_flag_bits(btf)
         if cfg.filter_tgid and not self.owner.usable:

@@ -7,6 +7,7 @@ any capture starts.
 from __future__ import annotations
 
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -197,3 +198,41 @@ def test_malformed_but_intact_recording_exits_2(tmp_path: Path, case: str) -> No
     p = khmon("report", f)
     assert p.returncode == 2
     _one_error_line(p)
+
+
+def test_dedup_slots_not_power_of_two() -> None:
+    p = khmon("report", "--live", "--dedup-slots", "1000")
+    assert p.returncode == 2
+    assert "--dedup-slots 1000 is not a power of two" in _one_error_line(p)
+
+
+def test_report_pmds_and_grid(tmp_path: Path) -> None:
+    from khdata import func_layouts_72
+
+    from khmon.layout import header_events
+
+    lays = func_layouts_72()
+    col = by_name(lays)["fn_collapse"]
+    ok = {v: k for k, v in col.fmt.symbols["result"].items()}["succeeded"]
+    header = {**capture_header("7.2", "7.2.13+deb14-amd64"), "events": header_events(lays),
+              "vma_flag_bits": {"uffd_missing": 512, "hugepage": 1 << 29}}
+    path = tmp_path / "pmds.khrec"
+    w = Writer(path, header)
+    first_half = bytes([0xFF]) * 32 + bytes(32)
+    w.add(Part("R", event=col.index, data=pack(
+        col.fmt, col.index, ts=5000, mm=0xFFFF8880_00001000, address=0x7F00_0020_0000, order=9,
+        present=first_half, duration_ns=1500, result=ok, owner_tgid=321, owner_comm=b"wl")))
+    w.add(Part("E", meta=stats_meta({}, {}, secs=1)))
+    w.close()
+    p = khmon("report", path, "--json")
+    assert p.returncode == 0, p.stderr
+    (pmd,) = json.loads(p.stdout)["pmds"]
+    assert (pmd["pid"], pmd["address"], pmd["bitmap"], pmd["bitmap_source"]) == (
+        321, "0x7f0000200000", "ff" * 32 + "00" * 32, "kernel")
+    assert [(a["offset"], a["order"], a["status"], a["latency_ns"]) for a in pmd["attempts"]] == [
+        (0, 9, "succeeded", 1500)]
+    p = khmon("report", path, "--grid", "1")
+    assert p.returncode == 0, p.stderr
+    rows = [line for line in p.stdout.splitlines() if re.fullmatch(r"\s+\d+ \S{64}", line)]
+    # 256 present PTEs then 256 empty ones, all inside attempt A (order 9)
+    assert [r.split()[1] for r in rows] == ["A" * 64] * 4 + ["a" * 64] * 4
