@@ -13,6 +13,7 @@ import ctypes
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 from .bpfgen import OwnerOffsets, ProbeConfig, generate
 from .dedup import Resolver
@@ -41,7 +42,11 @@ class LiveProbes:
     """Compiled and attached khmon programs for the given events."""
 
     def __init__(self, layouts: list[EventLayout], owner: OwnerOffsets, cfg: ProbeConfig,
-                 with_kprobe_stub: bool = False) -> None:
+                 with_kprobe_stub: bool = False,
+                 before_attach: Callable[[], None] = lambda: None) -> None:
+        """Compile, load and attach. before_attach() runs between compiling (half a minute
+        or more in a TCG guest) and attaching: where the caller reads the kernel's counters,
+        so their window is khmon's."""
         if os.geteuid() != 0:
             raise KhmonError("live capture needs root (BPF and tracefs)", "run with sudo")
         # doctor's kprobe trial rides along in the same program: compiling takes ~30 s in a
@@ -80,6 +85,7 @@ class LiveProbes:
         self._left_in_slots: dict[str, int] = defaultdict(int)  # per hot event, cumulative
         self._base: dict[str, dict[str, int]] = {}
         self.attached: dict[str, str | None] = {}
+        before_attach()
         self.attach()
         funcs = [lay for lay in self.layouts if lay.func is not None]
         if funcs and all(self.attached[lay.name] for lay in funcs):

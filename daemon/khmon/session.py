@@ -76,12 +76,16 @@ class LiveCapture:
             raise KhmonError("-p PID needs mm->owner to tell whose memory a scan is, and this "
                              "kernel's BTF has no mm_struct.owner (CONFIG_MEMCG off)",
                              "run without -p", EXIT_BAD_INPUT)
-        # The kernel's counters are read before attaching and after detaching, so their
-        # window encloses khmon's: on a busy system their deltas may exceed khmon's counts,
-        # never fall short of them.
-        self.start_counters = read_counters()
-        self.probes = LiveProbes(layouts, self.owner, cfg, with_kprobe_stub)
+        # The kernel's counters are read just before attaching (after compiling) and after
+        # detaching, so their window encloses khmon's: on a busy system their deltas may
+        # exceed khmon's counts, never fall short of them.
+        self.start_counters: dict[str, int] = {}
+        self.probes = LiveProbes(layouts, self.owner, cfg, with_kprobe_stub,
+                                 before_attach=self._read_start_counters)
         self.layouts = self.probes.layouts  # without function probes the kernel refused
+
+    def _read_start_counters(self) -> None:
+        self.start_counters = read_counters()
 
     def header(self) -> dict:
         return {
