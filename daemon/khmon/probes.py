@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from .tracefs import SYSTEM
 # Kernel headers of another version than the running one warn in ways that do not matter:
 # khmon takes nothing from them but bcc's helper definitions and struct pt_regs.
 CFLAGS = ["-Wno-macro-redefined", "-Wno-ignored-attributes", "-Wno-duplicate-decl-specifier"]
+POLL_BATCH = 16384  # records taken per poll at most
 # struct khmon_slot (bpf/khmon.bpf.c): the payload's hash, then epoch | excluded | count.
 _EXCLUDED = 1 << 32
 _COUNT_MASK = (1 << 32) - 1
@@ -79,6 +81,7 @@ class LiveProbes:
                     self._detach_func(lay)
         self.layouts = [lay for lay in layouts if lay.func is None or self.func_mode]
         self._pending: list[bytes] = []
+        self._poll_cap = sys.maxsize  # detach() consumes everything
         self.bpf[b"events"].open_ring_buffer(self._on_record)
         self.resolver = Resolver()
         self._epoch = 0
@@ -150,12 +153,20 @@ class LiveProbes:
                 if f.exit:
                     self.bpf.detach_kretprobe(event=f.func.encode())
 
-    def _on_record(self, _ctx, data, size) -> None:
+    def _on_record(self, _ctx, data, size) -> int:
         self._pending.append(ctypes.string_at(data, size))
+        # A negative return makes libbpf stop consuming (this record is kept): without it a
+        # poll returns only once the buffer is empty, never while producers outpace us.
+        return -1 if len(self._pending) >= self._poll_cap else 0
 
     def poll(self, timeout_ms: int) -> dict[int, bytes]:
-        """Records that arrived, concatenated per event index."""
-        self.bpf.ring_buffer_poll(timeout_ms)
+        """Records that arrived, concatenated per event index: at most POLL_BATCH per call,
+        so the caller's loop (durations, stats, Ctrl-C) keeps running under any load."""
+        self._poll_cap = len(self._pending) + POLL_BATCH
+        try:
+            self.bpf.ring_buffer_poll(timeout_ms)
+        finally:
+            self._poll_cap = sys.maxsize
         return self._take()
 
     def _take(self) -> dict[int, bytes]:
