@@ -20,7 +20,7 @@ page: none, zero-page and swap PTEs leave it clear.
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,8 +66,8 @@ class PmdCorrelator:
         self.isolate = by_name.get(ISOLATE)
         self.vma_flag_bits = vma_flag_bits
         self.pmds: dict[tuple[int, int], _Pmd] = {}
-        # per thread: (ts, isolate status) not yet claimed by an attempt
-        self._isolates: dict[int, list[tuple[int, str]]] = defaultdict(list)
+        # per thread, in time order: (ts, isolate status) not yet claimed by an attempt
+        self._isolates: dict[int, deque[tuple[int, str]]] = defaultdict(deque)
 
     @property
     def active(self) -> bool:
@@ -107,11 +107,15 @@ class PmdCorrelator:
 
     def _collapse(self, rec: Any) -> None:
         p = self._pmd(rec)
-        # The isolate event of this attempt fired on this thread while it ran.
+        # The isolate event of this attempt fired on this thread while it ran. A thread's
+        # isolates and attempts each come in time order: older isolates match nothing now.
         start = rec.ts - rec.duration_ns
-        pending = self._isolates.get(rec.tid, [])
-        mine = [s for ts, s in pending if start <= ts <= rec.ts]
-        self._isolates[rec.tid] = [(ts, s) for ts, s in pending if ts > rec.ts]
+        pending = self._isolates[rec.tid]
+        mine = []
+        while pending and pending[0][0] <= rec.ts:
+            ts, status = pending.popleft()
+            if ts >= start:
+                mine.append(status)
         offset = (rec.address - p.address) >> PAGE_SHIFT
         order = getattr(rec, "order", PMD_ORDER)
         key = (offset, order, mine[-1] if mine else None,
