@@ -72,7 +72,7 @@ def measure(label: str, cfg: ProbeConfig, pmds: int) -> None:
             per = f"{spent / calls:,.0f} ns/call" if calls else "not called"
             print(f"  {name:<48} {calls:>8,} calls  {per}")
     finally:
-        cap.close()
+        cap.probes.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import os
 import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 
 from .bpfgen import OwnerOffsets, ProbeConfig, generate
 from .dedup import Resolver
@@ -62,6 +64,10 @@ class LiveProbes:
         self.func_mode: str | None = None
         for mode in (("kfunc", "kprobe", None) if has_funcs else (None,)):
             self.source = generate(layouts, owner, cfg, func_mode=mode) + stub
+            refused = _refusals.get(self.source) if mode == "kfunc" else None
+            if refused is not None:  # this very program was refused since boot: skip a compile
+                self.func_errors[mode or ""] = refused
+                continue
             try:
                 with _quiet_stderr() if mode == "kfunc" else contextlib.nullcontext():
                     self.bpf = BPF(text=self.source.encode(), cflags=CFLAGS)
@@ -71,6 +77,8 @@ class LiveProbes:
                                      "run khmon doctor; kernel headers for bcc come from make "
                                      "setup") from e
                 self.func_errors[mode] = _err_text(e)
+                if mode == "kfunc":  # an fentry refusal is the kernel's, not a fluke
+                    _refusals.put(self.source, self.func_errors[mode])
                 continue
             self.func_mode = mode
             break
@@ -319,6 +327,37 @@ def try_kfunc(func: str) -> str | None:
             if b is not None:
                 with contextlib.suppress(Exception):
                     b.cleanup()
+
+
+class _Refusals:
+    """fentry programs the kernel refused to load since boot, by a hash of their source, in
+    /run (a tmpfs). The same source on the same boot is refused again (6.1 and 7.2 refuse
+    fentry on collapse_huge_page with ENOENT), so khmon skips that compile (half a minute in
+    a TCG guest) and reports the recorded error."""
+
+    DIR = Path("/run/khmon")
+
+    def _path(self, source: str) -> Path:
+        try:
+            boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        except OSError:
+            boot = "unknown"
+        digest = hashlib.sha256(f"{boot}\n{source}".encode()).hexdigest()[:24]
+        return self.DIR / f"refused-{digest}"
+
+    def get(self, source: str) -> str | None:
+        try:
+            return self._path(source).read_text()
+        except OSError:
+            return None
+
+    def put(self, source: str, error: str) -> None:
+        with contextlib.suppress(OSError):
+            self.DIR.mkdir(mode=0o700, exist_ok=True)
+            self._path(source).write_text(error)
+
+
+_refusals = _Refusals()
 
 
 def _err_text(e: Exception) -> str:
