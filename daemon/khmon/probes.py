@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import hashlib
 import os
+import re
 import sys
 import time
 from collections import defaultdict
@@ -330,10 +331,12 @@ def try_kfunc(func: str) -> str | None:
 
 
 class _Refusals:
-    """fentry programs the kernel refused to load since boot, by a hash of their source, in
-    /run (a tmpfs). The same source on the same boot is refused again (6.1 and 7.2 refuse
-    fentry on collapse_huge_page with ENOENT), so khmon skips that compile (half a minute in
-    a TCG guest) and reports the recorded error."""
+    """fentry targets the kernel refused since boot, in /run (a tmpfs): a refusal to load
+    fentry/fexit on a function is the kernel's answer for that function until it reboots
+    (6.1 and 7.2 refuse collapse_huge_page with ENOENT), so khmon skips the compile (half a
+    minute in a TCG guest) and reports the recorded error. Keyed by the boot and the text of
+    the fentry/fexit programs, which does not change with options (-p, ring buffer size
+    are #defines) or doctor's stub."""
 
     DIR = Path("/run/khmon")
 
@@ -342,7 +345,8 @@ class _Refusals:
             boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
         except OSError:
             boot = "unknown"
-        digest = hashlib.sha256(f"{boot}\n{source}".encode()).hexdigest()[:24]
+        progs = re.findall(r"^int k(?:ret)?func__vmlinux__.*?^}$", source, re.M | re.S)
+        digest = hashlib.sha256("\n".join([boot, *progs]).encode()).hexdigest()[:24]
         return self.DIR / f"refused-{digest}"
 
     def get(self, source: str) -> str | None:
