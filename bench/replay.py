@@ -169,8 +169,7 @@ def _put(writer: Writer, part: Part) -> None:
 def _stats(header: dict, counts: dict[str, int], parts: int, counters: dict) -> dict:
     mono = header["start_mono_ns"] + parts * 100_000_000
     return {"mono_ns": mono, "wall": header["start_wall"],
-            "probe": {"seen": dict(counts), "lost": dict.fromkeys(counts, 0),
-                      "dedup_full": dict.fromkeys(counts, 0)},
+            "probe": {"seen": dict(counts), "lost": dict.fromkeys(counts, 0)},
             "counters": counters}
 
 
