@@ -1,9 +1,9 @@
 """pagemap on the live kernel: read_pmd's bitmaps against the workload's known patterns, the
 zero page and shared pages in this process, and PfnIndex finding each PMD from a PFN.
 
-No THP or khugepaged setting is changed: with the default slow scanning (every 10 s) the
-workload's PMDs are read right after it says "ready", before khugepaged gets to collapse
-them; a PMD that reads fully present when the pattern is not "full" was collapsed anyway.
+THP is set to enabled=never while a workload runs (restored afterwards, whatever
+happens), so khugepaged cannot collapse its PMDs between the reads: a collapsed "full"
+PMD would change its PFNs under PfnIndex.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from contextlib import contextmanager
 
 import pytest
 
+from khmon import sysfs
 from khmon.pagemap import PfnIndex, read_pmd
 from khmon.workload import pattern_bits
 
@@ -48,7 +49,14 @@ def raw_entry(pid: int, addr: int) -> int:
 
 @contextmanager
 def workload(*args: str) -> Iterator[dict]:
-    """Start khmon.workload, yield its "ready" line; always killed afterwards."""
+    """Start khmon.workload with THP collapse off, yield its "ready" line; always killed
+    afterwards and the setting restored."""
+    with sysfs.override({"enabled": "never"}), _workload(*args) as info:
+        yield info
+
+
+@contextmanager
+def _workload(*args: str) -> Iterator[dict]:
     proc = subprocess.Popen([sys.executable, "-m", "khmon.workload", *args],
                             stdout=subprocess.PIPE, text=True)
     try:
