@@ -73,8 +73,9 @@ def _header(layouts: list[EventLayout]) -> dict:
     cap.layouts = layouts
     cap.owner = owner_offsets(Btf.from_kernel())
     cap.start_counters = read_counters()
-
-    cap.probes = SimpleNamespace(attached=dict.fromkeys(lay.name for lay in layouts))
+    cap.vma_flags = {}
+    cap.probes = SimpleNamespace(attached=dict.fromkeys(lay.name for lay in layouts),
+                                 func_mode=None, func_errors={})
     return cap.header()
 
 
