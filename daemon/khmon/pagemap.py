@@ -34,6 +34,7 @@ from pathlib import Path
 
 from .errors import KhmonError
 from .geometry import BITMAP_BYTES, PAGE, PMD_MASK, PMD_SIZE, PTES
+from .pmd import bitmap_count
 
 ENTRY = 8  # bytes per pagemap / kpageflags entry
 
@@ -97,31 +98,37 @@ class PmdPages:
 
     @property
     def n_present(self) -> int:
-        return int.from_bytes(self.present, "little").bit_count()
+        return bitmap_count(self.present)
 
     @property
     def n_swap(self) -> int:
-        return int.from_bytes(self.swap, "little").bit_count()
+        return bitmap_count(self.swap)
 
     @property
     def n_zero(self) -> int:
-        return int.from_bytes(self.zero, "little").bit_count()
+        return bitmap_count(self.zero)
 
     def present_hex(self) -> str:
         """The present bitmap as 128 hex digits, byte 0 (PTEs 0-7) first, as khmon prints it."""
         return self.present.hex()
 
 
+def _gone(path: Path, e: OSError) -> None:
+    """The answer to an OSError on a /proc file: None when the process is gone, khmon's
+    one-line error when access is denied, else the error itself."""
+    if isinstance(e, PermissionError):
+        raise _denied(path) from e
+    if e.errno not in _GONE:
+        raise e
+    return None
+
+
 def _open(path: Path) -> int | None:
     """A /proc file opened for reading; None when the process is gone."""
     try:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except PermissionError as e:
-        raise _denied(path) from e
     except OSError as e:
-        if e.errno in _GONE:
-            return None
-        raise
+        return _gone(path, e)
 
 
 def _pread(path: Path, size: int, offset: int) -> bytes | None:
@@ -132,9 +139,7 @@ def _pread(path: Path, size: int, offset: int) -> bytes | None:
     try:
         return os.pread(fd, size, offset)
     except OSError as e:
-        if e.errno in _GONE:
-            return None
-        raise
+        return _gone(path, e)
     finally:
         os.close(fd)
 
@@ -196,12 +201,8 @@ def read_maps(pid: int, root: Path = PROC) -> list[Vma] | None:
     path = root / str(pid) / "maps"
     try:
         text = path.read_text()
-    except PermissionError as e:
-        raise _denied(path) from e
     except OSError as e:
-        if e.errno in _GONE:
-            return None
-        raise
+        return _gone(path, e)
     vmas = []
     for line in text.splitlines():
         parts = line.split(maxsplit=5)
@@ -387,9 +388,7 @@ class PfnIndex:
                             addr += PAGE
                         first = flags.find(1, end)
         except OSError as e:
-            if e.errno in _GONE:
-                return None
-            raise
+            return _gone(path, e)
         finally:
             os.close(fd)
         return _Runs(pfns, addrs, lens, built)

@@ -49,9 +49,11 @@ def kernel_layouts(btf: Btf, ptwalk_bitmaps: bool = True) -> list[EventLayout]:
                             lambda name: btf.func_params(f"__bpf_trace_{name}"))
     status = next((lay.fmt.symbols.get("status", {}) for lay in layouts
                    if lay.name == "mm_collapse_huge_page"), {})
-    funcs = funcprobes.plan(btf, funcprobes.kallsyms_text(
-        (*funcprobes.PMD_ENTRY_FUNCS, funcprobes.COLLAPSE_FUNC)),
-        ptwalk.plan(btf, ptwalk.kallsyms_addresses(ptwalk.SYMBOLS)) if ptwalk_bitmaps else None)
+    # One pass over /proc/kallsyms (tens of thousands of lines) for functions and data.
+    syms = ptwalk.kallsyms_addresses((*funcprobes.PMD_ENTRY_FUNCS, funcprobes.COLLAPSE_FUNC,
+                                      *ptwalk.SYMBOLS))
+    walk = ptwalk.plan(btf, syms) if ptwalk_bitmaps else None
+    funcs = funcprobes.plan(btf, set(syms), walk)
     return layouts + funcprobes.layouts(funcs, len(layouts), status)
 
 
