@@ -8,6 +8,10 @@
 # 124: KHMON_VM_TIMEOUT expired; 125: run.sh's own guest-side setup failed).
 # Prints the elapsed wall time on stderr at the end.
 #
+# The guest's kernel console (loglevel 7) goes to build/vm/<series>-console.log, and its
+# last lines are printed when the guest fails. A guest that dies before the command starts
+# (a boot failure: nothing of the command ran) is booted once more, and says so.
+#
 # Environment:
 #   KHMON_CACHE        cache root (default /var/cache/khmon): kernels, apt state, vng venv
 #   KHMON_VM_MEMORY    guest memory (default 2G)
@@ -86,6 +90,14 @@ log "kernel $SERIES = $RELEASE (resolved in $((($(date +%s%N) - FETCH_NS) / 1000
 # the command ends this shell with N, which vng hands back to us.
 printf -v repo_q '%q' "$REPO"
 printf -v cache_q '%q' "$(cd "$CACHE" && pwd -P)"
+# The guest creates MARKER once its command is about to run: without it, a dead guest never
+# got that far. The command's stderr joins its stdout, so vng's stderr carries only the
+# kernel console (--verbose), which goes to CONSOLE_LOG.
+LOGDIR="$REPO/build/vm"
+mkdir -p "$LOGDIR"
+MARKER="$LOGDIR/.started-$SERIES-$$"
+CONSOLE_LOG="$LOGDIR/$SERIES-console.log"
+printf -v marker_q '%q' "$MARKER"
 # virtme-ng's init mounts a tmpfs over /var/cache (and a few other dirs), which
 # hides the cached headers that /lib/modules/<rel>/build and source point at.
 # A non-recursive bind of / sees the 9p root without those mounts; bind the
@@ -93,6 +105,8 @@ printf -v cache_q '%q' "$(cd "$CACHE" && pwd -P)"
 GUEST_CMD="if [ ! -d $cache_q/kernels ]; then mkdir -p /run/khmon-hostroot $cache_q && mount --bind / /run/khmon-hostroot && mount --bind /run/khmon-hostroot$cache_q $cache_q || { echo '$PROG (guest): cannot expose $cache_q' >&2; exit 125; }; fi
 grep -qs ' /sys/kernel/tracing tracefs ' /proc/mounts || mount -t tracefs nodev /sys/kernel/tracing || { echo '$PROG (guest): cannot mount tracefs' >&2; exit 125; }
 cd $repo_q || { echo '$PROG (guest): cannot cd to $repo_q' >&2; exit 125; }
+: > $marker_q
+exec 2>&1
 $CMD"
 
 vng_args=(
@@ -103,6 +117,7 @@ vng_args=(
     --cpus "$CPUS"
     --memory "$MEMORY"
     --user root
+    --verbose # the kernel console, into CONSOLE_LOG
     -- "$GUEST_CMD"
 )
 timeout_cmd=()
@@ -120,15 +135,34 @@ cd "$REPO" # vng also starts the guest command in the host's cwd
 # stdout and stderr go through pipes (cat) because qemu reopens
 # /proc/self/fd/1 and /2 with O_TRUNC: writing to a regular file directly,
 # it would wipe whatever was logged to that file before the guest started.
-set +e
-{
-    "${timeout_cmd[@]}" "$VENV/bin/vng" "${vng_args[@]}" </dev/null 2>&1 1>&3 3>&- | cat >&2
-    exit "${PIPESTATUS[0]}"
-} 3>&1 | cat
-rc=${PIPESTATUS[0]}
-set -e
+boot() {
+    rm -f "$MARKER"
+    set +e
+    {
+        "${timeout_cmd[@]}" "$VENV/bin/vng" "${vng_args[@]}" </dev/null 2>&1 1>&3 3>&- | cat >"$CONSOLE_LOG"
+        exit "${PIPESTATUS[0]}"
+    } 3>&1 | cat
+    rc=${PIPESTATUS[0]}
+    set -e
+}
+console_tail() {
+    log "last lines of the guest's kernel console ($CONSOLE_LOG):"
+    tail -n 40 "$CONSOLE_LOG" | sed 's/^/  console| /' >&2
+}
+boot
+if ((rc != 0)) && [[ ! -e "$MARKER" ]]; then
+    log "$SERIES ($RELEASE) died before the command started (exit=$rc, $(elapsed)s): a boot failure"
+    console_tail
+    log "booting $RELEASE once more"
+    boot
+fi
 if ((rc == 124)) && [[ "$TIMEOUT" != 0 ]]; then
     log "guest killed after ${TIMEOUT}s (KHMON_VM_TIMEOUT)"
 fi
+if ((rc != 0)); then
+    [[ -e "$MARKER" ]] || log "the guest died before the command started, twice"
+    console_tail
+fi
+rm -f "$MARKER"
 log "$SERIES ($RELEASE) exit=$rc elapsed=$(elapsed)s"
 exit "$rc"
