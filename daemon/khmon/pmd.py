@@ -13,6 +13,14 @@ Attempts are keyed by (mm, PMD) rather than by position in the stream: a rescan 
 is unchanged sends no record, but each of its attempts does. Plain Python over decoded
 records, so it runs the same on live events, recordings and tests.
 
+Attempts are also grouped into passes: one khugepaged visit to a PMD and the collapse_huge_page
+calls it made, in order. collapse_huge_page records are never deduplicated, so a thread's
+attempts arrive in call order, and within one pass both versions of the mTHP walk move
+forward: a later attempt starts at a higher offset, or at the same offset one order lower.
+An attempt on another PMD, or one that does not move forward, starts a new pass. A pass is
+kept with the bitmap it was made on (the scan's, at the first attempt), so the simulator and
+the waste detectors can replay it exactly; identical passes are counted, not repeated.
+
 Bitmaps are 64 bytes, bit k of byte j is PTE 8j+k (the kernel's unsigned long[8] on x86-64,
 dumped as bytes). In collapse_control.mthp_present_ptes a bit is set for a PTE that maps a
 page: none, zero-page and swap PTEs leave it clear.
@@ -39,6 +47,12 @@ class _Attempt:
 
 
 @dataclass
+class _Pass:
+    count: int = 0
+    latency_sums: list[int] = field(default_factory=list)  # per attempt of the pass
+
+
+@dataclass
 class _Pmd:
     mm: int
     address: int
@@ -54,6 +68,42 @@ class _Pmd:
     ptes: dict[str, int] | None = None
     # (offset, order, isolate status, result) -> counts and latency, in first-seen order
     attempts: dict[tuple[int, int, str | None, str], _Attempt] = field(default_factory=dict)
+    # (bitmap, ((offset, order, result), ...)) -> that pass's count and latencies, first-seen order
+    passes: dict[tuple[bytes | None, tuple[tuple[int, int, str], ...]], _Pass] = field(
+        default_factory=dict)
+    passes_dropped: int = 0
+
+
+# Distinct passes kept per PMD; later ones are counted in passes_dropped. A PMD rescanned in the
+# same state repeats one pass (same bitmap, same attempts), so this bounds only changing PMDs.
+MAX_PASSES = 16
+
+
+@dataclass
+class _OpenPass:
+    """The pass a thread is making: its PMD, bitmap, and attempts so far."""
+
+    pmd: _Pmd
+    bitmap: bytes | None
+    attempts: list[tuple[int, int, str]]
+    latencies: list[int]
+    walked: bool = False  # bitmap taken from the scan that made this pass (ptwalk)
+
+    def follows(self, pmd: _Pmd, offset: int, order: int) -> bool:
+        """Is an attempt at (offset, order) on `pmd` the next step of this pass?"""
+        last_offset, last_order = self.attempts[-1][:2]
+        return pmd is self.pmd and (offset > last_offset
+                                    or (offset == last_offset and order < last_order))
+
+    def close(self) -> None:
+        key = (self.bitmap, tuple(self.attempts))
+        passes = self.pmd.passes
+        if key not in passes and len(passes) >= MAX_PASSES:
+            self.pmd.passes_dropped += 1
+            return
+        kept = passes.setdefault(key, _Pass(latency_sums=[0] * len(self.attempts)))
+        kept.count += 1
+        kept.latency_sums = [a + b for a, b in zip(kept.latency_sums, self.latencies, strict=True)]
 
 
 class PmdCorrelator:
@@ -68,6 +118,8 @@ class PmdCorrelator:
         self.pmds: dict[tuple[int, int], _Pmd] = {}
         # per thread, in time order: (ts, isolate status) not yet claimed by an attempt
         self._isolates: dict[int, deque[tuple[int, str]]] = defaultdict(deque)
+        # per thread: the pass it is making
+        self._open: dict[int, _OpenPass] = {}
 
     @property
     def active(self) -> bool:
@@ -101,6 +153,11 @@ class PmdCorrelator:
             p.bitmaps_seen.add(rec.present)
             p.ptes = {"none": rec.none_ptes, "swap": rec.swap_ptes,
                       "zero": rec.zero_ptes if rec.zero_known else None}
+            # Before the mTHP series the scan function calls collapse_huge_page itself, so
+            # its exit (and this bitmap, walked at its entry) arrives after the pass it made.
+            open_pass = self._open.get(rec.tid)
+            if open_pass is not None and open_pass.pmd is p and not open_pass.walked:
+                open_pass.bitmap, open_pass.walked = rec.present, True
 
     def _isolate(self, rec: Any) -> None:
         self._isolates[rec.tid].append((rec.ts, self.isolate.fmt.symbol("status", rec.status)))
@@ -118,8 +175,8 @@ class PmdCorrelator:
                 mine.append(status)
         offset = (rec.address - p.address) >> PAGE_SHIFT
         order = getattr(rec, "order", PMD_ORDER)
-        key = (offset, order, mine[-1] if mine else None,
-               self.collapse.fmt.symbol("result", rec.result))
+        result = self.collapse.fmt.symbol("result", rec.result)
+        key = (offset, order, mine[-1] if mine else None, result)
         a = p.attempts.setdefault(key, _Attempt())
         a.count += rec.count
         a.latency_sum += rec.duration_ns * rec.count
@@ -128,9 +185,25 @@ class PmdCorrelator:
         if present is not None and p.bitmap_source != "ptwalk":
             p.bitmap, p.bitmap_source = present, "kernel"
             p.bitmaps_seen.add(present)
+        open_pass = self._open.get(rec.tid)
+        if open_pass is not None and open_pass.follows(p, offset, order):
+            open_pass.attempts.append((offset, order, result))
+            open_pass.latencies.append(rec.duration_ns)
+        else:
+            if open_pass is not None:
+                open_pass.close()
+            self._open[rec.tid] = _OpenPass(p, p.bitmap, [(offset, order, result)],
+                                            [rec.duration_ns])
+
+    def _close_passes(self) -> None:
+        """End every thread's pass: the stream (or this window of it) is over."""
+        for open_pass in self._open.values():
+            open_pass.close()
+        self._open.clear()
 
     def records(self) -> list[dict[str, Any]]:
         """PMD records, the ones with the most attempts first."""
+        self._close_passes()
         uffd = [m for name, m in self.vma_flag_bits.items() if name.startswith("uffd")]
         out = []
         for p in self.pmds.values():
@@ -156,6 +229,13 @@ class PmdCorrelator:
                               "count": a.count, "latency_ns": a.latency_sum // a.count,
                               "latency_ns_max": a.latency_max}
                              for (off, order, iso, st), a in p.attempts.items()],
+                "passes": [{"count": ps.count, "bitmap": bm.hex() if bm is not None else None,
+                            "attempts": [{"offset": off, "order": order, "status": st,
+                                          "latency_ns": ns // ps.count}
+                                         for (off, order, st), ns in zip(steps, ps.latency_sums,
+                                                                         strict=True)]}
+                           for (bm, steps), ps in p.passes.items()],
+                "passes_dropped": p.passes_dropped,
             })
         out.sort(key=lambda r: (-sum(a["count"] for a in r["attempts"]), -r["scans"],
                                 r["address"]))

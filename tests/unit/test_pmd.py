@@ -133,3 +133,30 @@ def test_ptwalk_bitmap_on_6_1() -> None:
     assert (a["scans"], a["verdict"]) == (7, "exceed_none_pte")
     # a walk that stopped at a huge PMD gives no bitmap, not an empty one
     assert (b["bitmap"], b["bitmap_source"], b["verdict"]) == (None, None, "page_pmd_mapped")
+
+
+def test_attempts_are_grouped_into_passes() -> None:
+    # Two passes of the uffd walk, each (0,9) then (0,8) then (256,8), all failing; then a
+    # third pass on a changed bitmap that collapses (0,9). A pass ends where the walk stops
+    # moving forward (offset back to 0 at order 9).
+    full = bytes([0xFF]) * 64
+    walk = [(0, 9), (0, 8), (256, 8)]
+    recs = [attempt(off, order, "exceed_none_pte", ts=100 * i + 10 * k, dur=10 + i)
+            for i in range(2) for k, (off, order) in enumerate(walk)]
+    recs.append(attempt(0, 9, "succeeded", ts=500, dur=70, bitmap=full))
+    (p,) = correlate((COL, recs))
+    assert [(ps["count"], ps["bitmap"], [(a["offset"], a["order"], a["status"], a["latency_ns"])
+                                         for a in ps["attempts"]]) for ps in p["passes"]] == [
+        (2, "77" * 64, [(0, 9, "exceed_none_pte", 10), (0, 8, "exceed_none_pte", 10),
+                        (256, 8, "exceed_none_pte", 10)]),  # mean of 10 and 11, floored
+        (1, "ff" * 64, [(0, 9, "succeeded", 70)])]
+    assert p["passes_dropped"] == 0
+
+
+def test_passes_of_two_threads_do_not_mix() -> None:
+    a37 = attempt(0, 9, "exceed_none_pte", ts=1, dur=1)
+    a38 = pack(COL.fmt, COL.index, ts=2, mm=MM, address=PMD, order=9, present=EVERY4TH,
+               duration_ns=1, result=STATUS["exceed_none_pte"],
+               **{**owner(), "tid": 38})
+    (p,) = correlate((COL, [a37, a38, attempt(0, 8, "exceed_none_pte", ts=3, dur=1)]))
+    assert sorted((ps["count"], len(ps["attempts"])) for ps in p["passes"]) == [(1, 1), (1, 2)]
