@@ -1,4 +1,4 @@
-"""The `khmon` command line: doctor, record, report, demo.
+"""The `khmon` command line: doctor, record, report, simulate, demo.
 
 Exit codes: 0 success; 1 the environment cannot do it (no root, no tracepoints, BPF refused);
 2 bad input (bad option values, a corrupt or foreign recording). Every such failure prints one
@@ -21,7 +21,7 @@ from . import __version__
 from .bpfgen import ProbeConfig
 from .errors import EXIT_BAD_INPUT, EXIT_FAIL, KhmonError
 from .recording import Reader
-from .render import render_report
+from .render import render_report, render_simulation
 from .report import Aggregator
 
 app = typer.Typer(
@@ -215,6 +215,76 @@ def report(
         for w in warnings:
             typer.echo(f"khmon: warning: {w}", err=True)
         _emit(agg.result(warnings), as_json, grid)
+
+    _guard(body)
+
+
+def _orders(value: str | None) -> frozenset[int] | None:
+    """--orders 4,5,9 -> {4, 5, 9}; None keeps the recording's own."""
+    if value is None:
+        return None
+    try:
+        orders = frozenset(int(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        orders = frozenset({-1})
+    if not orders or not all(2 <= o <= 9 for o in orders):
+        raise KhmonError(f"--orders {value!r} is not a list of collapse orders",
+                         "give orders 2..9 separated by commas, e.g. --orders 4,5,9",
+                         EXIT_BAD_INPUT)
+    return orders
+
+
+@app.command()
+def simulate(
+    recording: Annotated[Path, typer.Argument(help="A recording from `khmon record` made where "
+                                              "function probes ran (bitmaps per PMD).")],
+    algo: Annotated[str, typer.Option("--algo", help="v19: the linear walk of Linux 7.2; "
+                                      "v17: the stack-based recursion of the v17 posting.")]
+    = "v19",
+    orders: Annotated[str | None, typer.Option(
+        "--orders", help="Enabled collapse orders, e.g. 4,5,9 (9 = 2 MiB); default: the "
+        "recording's THP settings for a MADV_HUGEPAGE VMA.")] = None,
+    max_ptes_none: Annotated[int | None, typer.Option(
+        "--max-ptes-none", min=0, max=511, help="khugepaged/max_ptes_none; default: the "
+        "recording's. mTHP collapse honours only 0 and 511.")] = None,
+    max_ptes_swap: Annotated[int | None, typer.Option("--max-ptes-swap", min=0, max=512)] = None,
+    max_ptes_shared: Annotated[int | None, typer.Option("--max-ptes-shared", min=0,
+                                                        max=512)] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Replay every captured PMD bitmap through a model of khugepaged's collapse decision.
+
+    With the recording's own settings it checks the model against what the kernel did, pass
+    by pass (every pass should match); with other settings or the other algorithm it answers
+    "what if": predicted collapses per order, attempts and bloat beside the kernel's.
+    Exit 0 when it ran (whatever matched); 2 for a bad recording or option.
+    """
+    from dataclasses import replace
+
+    from . import simulate as sim
+
+    def body() -> None:
+        if algo not in sim.ALGORITHMS:
+            raise KhmonError(f"--algo {algo!r} is not a known algorithm",
+                             f"use one of {', '.join(sim.ALGORITHMS)}", EXIT_BAD_INPUT)
+        chosen = _orders(orders)
+        reader = Reader(recording)
+        agg = Aggregator(reader.header, reader.layouts)
+        for part in reader.parts():
+            agg.add(part)
+        for w in reader.warnings:
+            typer.echo(f"khmon: warning: {w}", err=True)
+        if not agg.pmds.active:
+            raise KhmonError(f"{recording} has no per-PMD records (it was made without "
+                             "function probes)", "record on a kernel where `khmon doctor` "
+                             "shows kfunc or kprobe", EXIT_BAD_INPUT)
+        own = sim.settings_from_sysfs(reader.header.get("settings", {}))
+        given = {k: v for k, v in (("orders", chosen), ("max_ptes_none", max_ptes_none),
+                                   ("max_ptes_swap", max_ptes_swap),
+                                   ("max_ptes_shared", max_ptes_shared)) if v is not None}
+        result = sim.replay(agg.pmds.records(), algo, replace(own, **given))
+        result["what_if"] = sorted(given)
+        typer.echo(json.dumps(result, indent=2) if as_json else render_simulation(result))
 
     _guard(body)
 

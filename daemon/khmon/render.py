@@ -63,6 +63,7 @@ def render_report(r: dict[str, Any], grids: int = 0) -> str:
             lines.append(f"  ... {len(r['processes']) - 15} more (see --json)")
     lines += ["", *_functions(r["functions"])]
     lines += _pmds(r.get("pmds", []), grids)
+    lines += _wasted(r.get("wasted", {}))
     delta = {n: v for n, v in r["kernel_counters"]["delta"].items() if v}
     lines += ["", "kernel counters, change over the window (zero ones omitted; all in --json)"]
     lines += _table(["counter", "delta"], [[n, v] for n, v in delta.items()]) if delta else [
@@ -109,6 +110,28 @@ def _pmds(pmds: list[dict[str, Any]], grids: int) -> list[str]:
     return lines
 
 
+def _wasted(w: dict[str, Any]) -> list[str]:
+    if not w.get("available"):
+        return ["", f"wasted work: not judged ({w['why']})"] if w else []
+    rows = [[name, c["attempts"], _bytes(c["bytes"]), f"{c['seconds'] * 1e3:.3f}",
+             ", ".join(f"{p['pid'] or '-'} {p['comm']}" for p in c["top_processes"][:3])]
+            for name, c in w["by_reason"].items() if c["attempts"] or c["bytes"]]
+    if not rows:
+        return ["", "wasted work: none found"]
+    return ["", "wasted work (reasons overlap; what each means: README, --json wasted)",
+            *_table(["reason", "attempts", "bytes", "ms", "top processes"], rows)]
+
+
+def _bytes(n: float) -> str:
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB"):
+        n /= 1024
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} GiB"
+
+
 def render_grid(pmd: dict[str, Any]) -> list[str]:
     """A PMD's 512 PTEs as 8 rows of 64, with its attempted ranges marked.
 
@@ -141,3 +164,43 @@ def render_grid(pmd: dict[str, Any]) -> list[str]:
                    + (f" (isolate: {a['isolate_status']})" if a["isolate_status"] else "")
                    + f", {a['latency_ns'] / 1e3:.1f} us mean, {a['count']}x")
     return out
+
+
+def render_simulation(r: dict[str, Any]) -> str:
+    """`khmon simulate`: the model's predictions beside the kernel's, per order."""
+    st = r["settings"]
+    what = f"what if: {', '.join(r['what_if'])}" if r["what_if"] else "the recording's own settings"
+    lines = [f"simulated {r['algo']} on {r['passes']} passes (one per PMD and bitmap), {what}: "
+             f"orders {','.join(map(str, st['orders'])) or 'none'}, max_ptes_none "
+             f"{st['max_ptes_none']}, max_ptes_swap {st['max_ptes_swap']}, max_ptes_shared "
+             f"{st['max_ptes_shared']}"]
+    if r["pmds_without_bitmap"]:
+        lines.append(f"  {r['pmds_without_bitmap']} PMDs had no bitmap and were not replayed")
+    k, p = r["kernel"], r["predicted"]
+    order_keys = sorted({*k["attempts_by_order"], *p["attempts_by_order"],
+                         *k["collapses_by_order"], *p["collapses_by_order"]}, key=int,
+                        reverse=True)
+    lines += ["", *_table(["order", "kernel attempts", "predicted", "kernel collapses",
+                           "predicted"],
+                          [[o, k["attempts_by_order"].get(o, 0), p["attempts_by_order"].get(o, 0),
+                            k["collapses_by_order"].get(o, 0), p["collapses_by_order"].get(o, 0)]
+                           for o in order_keys])]
+    lines += ["", f"attempts: kernel {k['attempts']}, predicted {p['attempts']}; bloat: kernel "
+              f"{_bytes(k['bloat_bytes'])}, predicted {_bytes(p['bloat_bytes'])}",
+              f"passes whose attempt sequence the model reproduced: {r['matched']} of "
+              f"{r['passes']}"]
+    for m in r["mismatches"][:5]:
+        lines.append(f"  differs: pid {m['pid'] or '-'} PMD {m['address']}: kernel "
+                     f"{_seq(m['kernel'])}, predicted {_seq(m['predicted'])}"
+                     + (f" (scan refuses: {m['predicted_scan_failure']})"
+                        if m["predicted_scan_failure"] else ""))
+    if r["mismatched"] > 5:
+        lines.append(f"  ... {r['mismatched'] - 5} more (--json mismatches lists "
+                     f"{len(r['mismatches'])})")
+    return "\n".join(lines)
+
+
+def _seq(steps: list[list[int]]) -> str:
+    """[[0, 9], [0, 8]] -> '(0,9) (0,8)', long walks shortened."""
+    text = " ".join(f"({o},{n})" for o, n in steps[:8]) or "no attempt"
+    return text + (f" ... {len(steps)} in all" if len(steps) > 8 else "")

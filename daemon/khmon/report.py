@@ -18,6 +18,7 @@ from .layout import EventLayout, layouts_from_header
 from .pmd import PmdCorrelator
 from .recording import Part
 from .sysfs import counter_delta
+from .waste import wasted
 
 SCAN_PMD = "mm_khugepaged_scan_pmd"
 SCAN_FILE = "mm_khugepaged_scan_file"
@@ -136,6 +137,7 @@ class Aggregator:
         start_counters = h.get("counters", {})
         end_counters = end.get("counters", start_counters)
         window = (end.get("mono_ns", h["start_mono_ns"]) - h["start_mono_ns"]) / 1e9
+        pmds = self.pmds.records()
         return {
             "kernel": {
                 "release": h["kernel"]["release"],
@@ -154,7 +156,8 @@ class Aggregator:
             "processes": _processes(rows),
             "functions": _functions(h, rows),
             # One record per PMD the function probes saw (none without function probes).
-            "pmds": self.pmds.records(),
+            "pmds": pmds,
+            "wasted": wasted(pmds, self.pmds.active),
             "kernel_counters": {"start": start_counters, "end": end_counters,
                                 "delta": counter_delta(start_counters, end_counters)},
             # Refused by the ring buffer, plus probe runs the kernel skipped (recursion).

@@ -81,6 +81,8 @@ def test_report_json(recording: Path) -> None:
     assert r["kernel_counters"]["delta"]["thp_collapse_alloc"] == 1
     assert r["lost_events"] == 3
     assert r["accounting"]["mm_khugepaged_scan_pmd"]["unaccounted"] == 0
+    # tracepoints only: no PMD records, so wasted work is not judged, and the report says why
+    assert r["wasted"]["available"] is False and "function probes" in r["wasted"]["why"]
 
 
 def test_report_text(recording: Path) -> None:
@@ -206,7 +208,8 @@ def test_dedup_slots_not_power_of_two() -> None:
     assert "--dedup-slots 1000 is not a power of two" in _one_error_line(p)
 
 
-def test_report_pmds_and_grid(tmp_path: Path) -> None:
+def _pmd_recording(tmp_path: Path) -> Path:
+    """A 7.2 recording of one PMD, PTEs 0..255 present, collapsed at order 9 in 1.5 us."""
     from khdata import func_layouts_72
 
     from khmon.layout import header_events
@@ -224,9 +227,18 @@ def test_report_pmds_and_grid(tmp_path: Path) -> None:
         present=first_half, duration_ns=1500, result=ok, owner_tgid=321, owner_comm=b"wl")))
     w.add(Part("E", meta=stats_meta({}, {}, secs=1)))
     w.close()
+    return path
+
+
+def test_report_pmds_and_grid(tmp_path: Path) -> None:
+    path = _pmd_recording(tmp_path)
     p = khmon("report", path, "--json")
     assert p.returncode == 0, p.stderr
-    (pmd,) = json.loads(p.stdout)["pmds"]
+    r = json.loads(p.stdout)
+    (pmd,) = r["pmds"]
+    # the order-9 collapse filled the 256 empty PTEs: bloat, and nothing else wasted
+    assert {k: (c["attempts"], c["bytes"]) for k, c in r["wasted"]["by_reason"].items()
+            if c["attempts"]} == {"bloat": (1, 256 * 4096)}
     assert (pmd["pid"], pmd["address"], pmd["bitmap"], pmd["bitmap_source"]) == (
         321, "0x7f0000200000", "ff" * 32 + "00" * 32, "kernel")
     assert [(a["offset"], a["order"], a["status"], a["latency_ns"]) for a in pmd["attempts"]] == [
@@ -236,3 +248,41 @@ def test_report_pmds_and_grid(tmp_path: Path) -> None:
     rows = [line for line in p.stdout.splitlines() if re.fullmatch(r"\s+\d+ \S{64}", line)]
     # 256 present PTEs then 256 empty ones, all inside attempt A (order 9)
     assert [r.split()[1] for r in rows] == ["A" * 64] * 4 + ["a" * 64] * 4
+
+
+def test_simulate_own_settings_and_what_if(tmp_path: Path) -> None:
+    path = _pmd_recording(tmp_path)
+    # The header's settings: enabled=madvise, no mTHP sizes, max_ptes_none 511 (default):
+    # v19 predicts the kernel's one attempt, (0,9), succeeding.
+    p = khmon("simulate", path, "--json")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert (r["passes"], r["matched"], r["what_if"]) == (1, 1, [])
+    assert r["kernel"]["collapses_by_order"] == r["predicted"]["collapses_by_order"] == {"9": 1}
+    assert r["kernel"]["bloat_bytes"] == 256 * 4096  # the empty second half, zero-filled
+    # What if only 1 MiB (order 8) were enabled with max_ptes_none 0: the full first half
+    # collapses at order 8 and the empty half is left alone, no bloat.
+    p = khmon("simulate", path, "--orders", "8", "--max-ptes-none", "0", "--json")
+    r = json.loads(p.stdout)
+    assert r["predicted"]["collapses_by_order"] == {"8": 1}
+    assert (r["predicted"]["bloat_bytes"], r["mismatched"]) == (0, 1)
+    assert r["what_if"] == ["max_ptes_none", "orders"]
+    p = khmon("simulate", path, "--orders", "8", "--max-ptes-none", "0")
+    assert p.returncode == 0, p.stderr
+    assert "differs: pid 321 PMD 0x7f0000200000: kernel (0,9), predicted (0,8)" in p.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--orders", "1,9"], "--orders '1,9' is not a list of collapse orders"),
+    (["--algo", "v18"], "--algo 'v18' is not a known algorithm"),
+])
+def test_simulate_bad_options_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
+    p = khmon("simulate", _pmd_recording(tmp_path), *args)
+    assert p.returncode == 2
+    assert message in _one_error_line(p)
+
+
+def test_simulate_needs_function_probe_records(recording: Path) -> None:
+    p = khmon("simulate", recording)
+    assert p.returncode == 2
+    assert "has no per-PMD records" in _one_error_line(p)
