@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from khdata import event_names, layouts
+from khdata import event_names, func_layouts_72, layouts
 
 from khmon.bpfgen import OwnerOffsets, ProbeConfig, generate, template
 
@@ -137,3 +137,20 @@ def test_padding_zeroed_in_dedup_key_6_1() -> None:
     assert re.findall(r"__builtin_memset\(&k\.b\[\d+\], 0, \d+\);", body) == [
         "__builtin_memset(&k.b[17], 0, 3);", "__builtin_memset(&k.b[36], 0, 4);"]
     assert "#define NR_EVENTS 5\n" in src  # 6.1 has no mm_khugepaged_collapse_file
+
+
+def _set_line(src: str, prog: str) -> str:
+    body = src[src.index(f"/* {prog}: body"):]
+    return re.search(r"u32 set = (.*) & \(DEDUP_SLOTS / KHMON_WAYS - 1\);", body).group(1)
+
+
+def test_sets_follow_the_payloads_place_in_memory(src_6_18: str) -> None:
+    # classic tracepoints: scan_pmd's and scan_file's pfn at format offset 16 -> body 8
+    assert _set_line(src_6_18, "mm_khugepaged_scan_pmd") == "*(u64 *)&k.b[8]"
+    assert _set_line(src_6_18, "mm_khugepaged_scan_file") == "*(u64 *)&k.b[8]"
+    # 7.2's mm_khugepaged_scan names no place: the hash picks the set
+    src = generate(layouts("7.2"), OwnerOffsets(1, 2, 3), ProbeConfig())
+    assert _set_line(src, "mm_khugepaged_scan") == "h"
+    # the per-PMD function's exit: the PMD address (body 8), one set per 2 MiB
+    src = generate(func_layouts_72(), OwnerOffsets(1, 2, 3), ProbeConfig(), func_mode="kfunc")
+    assert _set_line(src, "fn_pmd_scan") == "(*(u64 *)&r.b[8] >> 21)"

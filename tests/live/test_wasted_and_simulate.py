@@ -1,0 +1,96 @@
+"""Wasted work and the collapse model against the live kernel.
+
+- The uffd waste of FACTS.md: a userfaultfd-armed region, every 4th page empty, mTHP orders
+  enabled. Every collapse_huge_page call there allocates a folio and fails, so khmon's
+  wasted.by_reason.uffd_isolate.attempts must equal the kernel's own folio allocation counters
+  over the window (the per-order hugepages-<N>kB/stats/collapse_alloc where the kernel has
+  them, else thp_collapse_alloc), and nothing there may collapse. Before the mTHP series the
+  scan itself refuses such a VMA: both sides are 0.
+- The model: the kernel's own passes over workload PMDs of known patterns, replayed through
+  simulate's v19 walk with the settings the capture recorded, must match attempt for attempt.
+On a kernel without function probes there are no PMD records, and the report says why.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from khmon import simulate, sysfs
+from khmon.session import LiveCapture
+from khmon.workload import PMD_SIZE
+
+pytestmark = pytest.mark.live
+
+
+def _mthp_knobs(orders: range) -> dict[str, str]:
+    """hugepages-<N>kB/enabled: inherit for the given orders, never for the others (only the
+    sizes this kernel has; 8kB, order 1, is not a collapse order and may be read-only)."""
+    knobs = {}
+    for d in sorted(sysfs.THP.glob("hugepages-*kB")):
+        order = (int(d.name[len("hugepages-"):-2]) // 4).bit_length() - 1
+        if order >= 2 and (d / "enabled").exists():
+            knobs[f"{d.name}/enabled"] = "inherit" if order in orders else "never"
+    return knobs
+
+
+def _mine(report: dict, w: dict) -> list[dict]:
+    start = int(w["start"], 16)
+    return [p for p in report["pmds"] if p["pid"] == w["pid"]
+            and start <= int(p["address"], 16) < start + w["pmds"] * PMD_SIZE]
+
+
+def test_uffd_isolate_attempts_equal_the_kernels_folio_allocations(
+        live_capture: LiveCapture, run_workloads) -> None:
+    knobs = {"khugepaged/max_ptes_none": "511", **_mthp_knobs(range(4, 10))}
+    report, (w,) = run_workloads(
+        [["--pmds", "2", "--pattern", "every4th-empty", "--uffd", "--full-scans", "3"]],
+        knobs=knobs)
+    assert w["collapsed_pmds"] == 0
+    wasted = report["wasted"]
+    if live_capture.probes.func_mode is None:
+        assert wasted["available"] is False and wasted["why"]
+        return
+    acc = report["accounting"]["fn_collapse"]
+    assert acc["lost"] == 0 and acc["unaccounted"] == 0, acc
+    delta = report["kernel_counters"]["delta"]
+    per_order = {k: v for k, v in delta.items() if k.endswith("/stats/collapse_alloc")}
+    allocated = sum(per_order.values()) if per_order else delta["thp_collapse_alloc"]
+    uffd = wasted["by_reason"]["uffd_isolate"]
+    assert uffd["attempts"] == allocated, (uffd, per_order)
+    mine = _mine(report, w)
+    assert mine and all(p["uffd"] for p in mine)
+    assert not any(a["status"] == "succeeded" for p in mine for a in p["attempts"])
+    if per_order:  # the mTHP series: the waste is real, and priced
+        assert uffd["attempts"] > 0 and uffd["bytes"] > 0 and uffd["seconds"] > 0
+        assert uffd["top_processes"][0]["pid"] == w["pid"]
+        assert wasted["by_reason"]["order_cascade"]["attempts"] > 0
+        # each of the kernel's passes is the walk the model predicts for a uffd VMA
+        settings = simulate.settings_from_sysfs(report["settings"])
+        r = simulate.replay(mine, "v19", settings)
+        assert r["passes"] > 0 and r["mismatched"] == 0, r["mismatches"][:3]
+
+
+@pytest.mark.parametrize("max_ptes_none", ["0", "511"])
+def test_v19_model_predicts_every_pass(live_capture: LiveCapture, run_workloads,
+                                       max_ptes_none: str) -> None:
+    # mTHP orders 2..9 where the kernel has them (PMD order alone before the series).
+    patterns = [("full", 1), ("first-half", 1), ("random", 7), ("every4th-empty", 1)]
+    report, works = run_workloads(
+        [["--pmds", "2", "--pattern", p, "--seed", str(s), "--full-scans", "3"]
+         for p, s in patterns],
+        knobs={"khugepaged/max_ptes_none": max_ptes_none, **_mthp_knobs(range(2, 10))})
+    if live_capture.probes.func_mode is None:
+        assert report["pmds"] == [] and report["wasted"]["available"] is False
+        return
+    settings = simulate.settings_from_sysfs(report["settings"])
+    assert settings.max_ptes_none == int(max_ptes_none)
+    mine = [p for w in works for p in _mine(report, w)]
+    r = simulate.replay(mine, "v19", settings)
+    # every workload PMD with a bitmap was replayed, and every pass matched
+    assert r["passes"] >= sum(1 for p in mine if p["bitmap"]) > 0
+    assert r["mismatched"] == 0, r["mismatches"][:3]
+    # the collapses the model predicts are the ones the kernel made
+    assert r["kernel"]["collapses_by_order"] == r["predicted"]["collapses_by_order"]
+    full = _mine(report, works[0])
+    assert all([(a["offset"], a["order"], a["status"]) for a in p["attempts"]] ==
+               [(0, 9, "succeeded")] for p in full)
