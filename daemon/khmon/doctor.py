@@ -162,8 +162,8 @@ def _tier_summary(t: dict[str, bool]) -> list[Check]:
 
 def _trials(btf: Btf | None, syms: set[str]) -> list[Check]:
     """Load and attach for real: the live-capture program (with a kprobe stub riding along),
-    then a kfunc program."""
-    from .probes import try_kfunc
+    then a two-instruction fentry program through the bpf syscall."""
+    from .probes import fentry_refusal
     from .session import LiveCapture
 
     out = []
@@ -186,7 +186,8 @@ def _trials(btf: Btf | None, syms: set[str]) -> list[Check]:
     if target is None:
         out.append(Check("probes", "kfunc/kprobe", "info", "no collapse function to try"))
         return out
-    for kind, err in (("kfunc", try_kfunc(target)), ("kprobe", kprobe_err)):
+    kfunc_err = fentry_refusal(target, btf.find("FUNC", target) if btf else None)
+    for kind, err in (("kfunc", kfunc_err), ("kprobe", kprobe_err)):
         out.append(Check("probes", f"{kind} on {target}", "ok" if err is None else "info",
                          "works" if err is None else f"refused: {err}", kind))
     return out

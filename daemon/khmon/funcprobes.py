@@ -64,6 +64,7 @@ class FuncProbe:
     mm: Capture | None  # how to find the mm, for the owning process
     hot: bool = False  # once per PMD scanned: deduplicated in the kernel
     ptwalk: PtWalkPlan | None = None  # walk the PMD's PTE table at entry (khmon.ptwalk)
+    btf_id: int | None = None  # the function's BTF type id, what an fentry program attaches to
 
 
 # struct khmon_ptbits (khmon.ptwalk) as record fields, then the walk's return code.
@@ -111,7 +112,8 @@ def plan(btf: Btf, kallsyms: set[str], ptwalk: PtWalkPlan | None = None) -> list
             out.append(FuncProbe(PMD_SCAN, func, len(params), (
                 mm, Capture("address", addr), Capture("vm_start", v, vma["vm_start"]),
                 Capture("vm_end", v, vma["vm_end"]), Capture("vm_flags", v, vma["vm_flags"]),
-            ), exit=True, mm=mm, hot=True, ptwalk=None if has_bitmap else ptwalk))
+            ), exit=True, mm=mm, hot=True, ptwalk=None if has_bitmap else ptwalk,
+                btf_id=btf.find("FUNC", func)))
     found = _find(btf, kallsyms, (COLLAPSE_FUNC,))
     if found:
         func, params = found
@@ -125,7 +127,8 @@ def plan(btf: Btf, kallsyms: set[str], ptwalk: PtWalkPlan | None = None) -> list
             bitmap = btf.member_offset("collapse_control", BITMAP_MEMBER)
             if bitmap is not None and "cc" in names:
                 caps.append(Capture("present", names.index("cc"), bitmap, size=BITMAP_BYTES))
-            out.append(FuncProbe(COLLAPSE, func, len(params), tuple(caps), exit=True, mm=mm))
+            out.append(FuncProbe(COLLAPSE, func, len(params), tuple(caps), exit=True, mm=mm,
+                                 btf_id=btf.find("FUNC", func)))
     return out
 
 

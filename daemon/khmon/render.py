@@ -200,7 +200,7 @@ def render_simulation(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _seq(steps: list[list[int]]) -> str:
-    """[[0, 9], [0, 8]] -> '(0,9) (0,8)', long walks shortened."""
-    text = " ".join(f"({o},{n})" for o, n in steps[:8]) or "no attempt"
+def _seq(steps: list[list[Any]]) -> str:
+    """[[0, 9, "succeeded"], [0, 8, ...]] -> '(0,9) (0,8)', long walks shortened."""
+    text = " ".join(f"({s[0]},{s[1]})" for s in steps[:8]) or "no attempt"
     return text + (f" ... {len(steps)} in all" if len(steps) > 8 else "")

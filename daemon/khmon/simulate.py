@@ -416,14 +416,16 @@ def replay(pmds: Iterable[Mapping[str, Any]], algo: str, settings: Settings) -> 
             out = simulate(algo, present, s)
             kernel.add_kernel(attempts, present)
             predicted.add(out)
-            seq_k = [[a["offset"], a["order"]] for a in attempts]
-            seq_p = [[a.offset, a.order] for a in out.attempts]
-            if seq_k == seq_p:
+            if [[a["offset"], a["order"]] for a in attempts] == [
+                    [a.offset, a.order] for a in out.attempts]:
                 matched += 1
             elif len(mismatches) < MAX_MISMATCHES:
-                mismatches.append({"pid": pmd.get("pid"), "address": pmd.get("address"),
-                                   "bitmap": bitmap, "kernel": seq_k, "predicted": seq_p,
-                                   "predicted_scan_failure": out.scan_failure})
+                mismatches.append({
+                    "pid": pmd.get("pid"), "address": pmd.get("address"), "bitmap": bitmap,
+                    "kernel": [[a["offset"], a["order"], a["status"]] for a in attempts],
+                    "predicted": [[a.offset, a.order, "succeeded" if a.succeeded else a.reason]
+                                  for a in out.attempts],
+                    "predicted_scan_failure": out.scan_failure})
     total = kernel.passes
     return {"algo": algo, "settings": {"orders": sorted(settings.orders),
                                        "max_ptes_none": settings.max_ptes_none,

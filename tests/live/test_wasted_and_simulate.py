@@ -53,7 +53,8 @@ def test_uffd_isolate_attempts_equal_the_kernels_folio_allocations(
     acc = report["accounting"]["fn_collapse"]
     assert acc["lost"] == 0 and acc["unaccounted"] == 0, acc
     delta = report["kernel_counters"]["delta"]
-    per_order = {k: v for k, v in delta.items() if k.endswith("/stats/collapse_alloc")}
+    per_order = {k: v for k, v in delta.items()
+                 if k.startswith("hugepages-") and k.endswith("/collapse_alloc")}
     allocated = sum(per_order.values()) if per_order else delta["thp_collapse_alloc"]
     uffd = wasted["by_reason"]["uffd_isolate"]
     assert uffd["attempts"] == allocated, (uffd, per_order)

@@ -145,6 +145,11 @@ class FakeBtf:
     def func_params(self, name: str) -> list | None:
         return self.funcs.get(name)
 
+    def find(self, kind: str, name: str) -> int | None:
+        """A made-up type id for each function: its position in FUNCS, from 1."""
+        names = list(self.funcs)
+        return names.index(name) + 1 if kind == "FUNC" and name in names else None
+
     def member_offset(self, struct: str, member: str) -> int | None:
         if struct == "collapse_control":
             return self.bitmap_at if member == "mthp_present_ptes" else None

@@ -346,7 +346,7 @@ def test_replay_what_if_and_mismatch() -> None:
     r = replay([{"pid": 1, "address": "0x200000", "uffd": True, "passes": [cut]}], "v19",
                Settings(frozenset(range(4, 10))))
     assert (r["matched"], r["mismatched"]) == (0, 1)
-    assert r["mismatches"][0]["kernel"] == [[0, 9], [0, 8]]
+    assert [s[:2] for s in r["mismatches"][0]["kernel"]] == [[0, 9], [0, 8]]
     assert len(r["mismatches"][0]["predicted"]) == 63
     # What if only PMD order were enabled, with max_ptes_none 511, on a non-uffd PMD seen
     # refused (bitmap, no attempts): one collapse at order 9 filling 128 empty PTEs.
