@@ -69,7 +69,8 @@ class LiveProbes:
             self.source = generate(layouts, owner, cfg, func_mode=mode) + stub
             refused = _refusals.get(self.source) if mode == "kfunc" else None
             if mode == "kfunc" and refused is None:
-                # A function the kernel refuses fentry on fails the whole compile: ask first.
+                # A function the kernel refuses fentry on fails the whole compile: ask the
+                # kernel first (bcc can refuse more; that costs one compile per boot).
                 refused = next((err for lay in layouts if lay.func is not None
                                 for err in [fentry_refusal(lay.func.func, lay.func.btf_id,
                                                            lay.func.exit)]
@@ -332,9 +333,10 @@ def fentry_refusal(func: str, btf_id: int | None, fexit: bool = False) -> str | 
     """Load and attach a two-instruction fentry program on `func` (its BTF type id), and with
     `fexit` an fexit one, through the bpf syscall: None if the kernel allowed them, else the
     kernel's reason. Tried, not guessed (a function can be in BTF and kallsyms and still be
-    refused: EPERM under lockdown; ENOENT for collapse_huge_page on Debian's 6.1 and 7.2),
-    and in milliseconds, where a bcc compile costs a second here and half a minute in a TCG
-    guest."""
+    refused, EPERM under lockdown as on the CI host), and in milliseconds, where a bcc compile
+    costs a second here and half a minute in a TCG guest. It answers for the kernel only:
+    bcc's own kfunc load can still fail where this succeeds (ENOENT for collapse_huge_page on
+    Debian's 6.1 and 7.2, whose kernels accept this program), which _Refusals remembers."""
     if btf_id is None:
         return f"{func} is not in the kernel's BTF"
     kinds = [("fentry", _BPF_TRACE_FENTRY)] + ([("fexit", _BPF_TRACE_FEXIT)] if fexit else [])

@@ -188,7 +188,9 @@ def render_simulation(r: dict[str, Any]) -> str:
     lines += ["", f"attempts: kernel {k['attempts']}, predicted {p['attempts']}; bloat: kernel "
               f"{_bytes(k['bloat_bytes'])}, predicted {_bytes(p['bloat_bytes'])}",
               f"passes whose attempt sequence the model reproduced: {r['matched']} of "
-              f"{r['passes']}"]
+              f"{r['passes']}"
+              + (f"; cut short by the kernel where the model cannot follow: {r['cut_short']}"
+                 if r["cut_short"] else "")]
     for m in r["mismatches"][:5]:
         lines.append(f"  differs: pid {m['pid'] or '-'} PMD {m['address']}: kernel "
                      f"{_seq(m['kernel'])}, predicted {_seq(m['predicted'])}"

@@ -355,3 +355,15 @@ def test_replay_what_if_and_mismatch() -> None:
     assert r["predicted"]["collapses_by_order"] == {"9": 1}
     assert r["predicted"]["bloat_bytes"] == 128 * 4096
     assert r["kernel"]["attempts"] == 0 and r["mismatched"] == 1
+
+
+def test_replay_pass_cut_short_by_the_mm_exiting() -> None:
+    # The kernel walked (0,9) (0,8) then the process exited: the next try failed
+    # revalidation (no_process_for_page) and ended the walk. Up to there it is the model's.
+    o = simulate("v19", EVERY4TH, Settings(frozenset(range(4, 10)), uffd=True))
+    cut = _pass(o, EVERY4TH)
+    cut["attempts"] = cut["attempts"][:3]
+    cut["attempts"][-1]["status"] = "no_process_for_page"
+    r = replay([{"pid": 1, "address": "0x200000", "uffd": True, "passes": [cut]}], "v19",
+               Settings(frozenset(range(4, 10))))
+    assert (r["matched"], r["cut_short"], r["mismatched"]) == (0, {"no_process_for_page": 1}, 0)
