@@ -62,6 +62,13 @@ def test_uffd_isolate_attempts_equal_the_kernels_folio_allocations(
     assert mine and all(p["uffd"] for p in mine)
     assert not any(a["status"] == "succeeded" for p in mine for a in p["attempts"])
     if per_order:  # the mTHP series: the waste is real, and priced
+        # per order too: collapse_huge_page calls at order o = hugepages-<4 << o>kB allocations
+        calls: dict[int, int] = {}
+        for p in report["pmds"]:
+            for a in p["attempts"]:
+                calls[a["order"]] = calls.get(a["order"], 0) + a["count"]
+        assert {f"hugepages-{4 << o}kB/collapse_alloc": n for o, n in calls.items()} == {
+            k: v for k, v in per_order.items() if v}
         assert uffd["attempts"] > 0 and uffd["bytes"] > 0 and uffd["seconds"] > 0
         assert uffd["top_processes"][0]["pid"] == w["pid"]
         assert wasted["by_reason"]["order_cascade"]["attempts"] > 0
