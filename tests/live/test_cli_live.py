@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,16 +30,27 @@ def _wait_attached(proc: subprocess.Popen[str], timeout: float = 300) -> None:
     raise AssertionError("recorder did not attach")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def doctor() -> Iterator[subprocess.Popen[str]]:
-    """`khmon doctor --json`, started when this module starts and read by the last test:
-    its compile (half a minute in a TCG guest) overlaps the recorder tests' own."""
-    proc = subprocess.Popen([*KHMON, "doctor", "--json"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    yield proc
-    if proc.poll() is None:
-        proc.kill()
-        proc.communicate()
+def test_doctor_exits_zero_and_shows_the_tiers() -> None:
+    out = subprocess.run([*KHMON, "doctor", "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    checks = doc["checks"]
+    tps = {c["item"] for c in checks if c["area"] == "tracepoint" and c["state"] == "ok"}
+    assert "mm_khugepaged_scan_pmd" in tps
+    assert "mm_collapse_huge_page" in tps
+    assert doc["live_capture"] is True
+    assert doc["tiers"]["tracepoints"] is True
+    # The order field is there exactly when the format files say so.
+    formats = Path("/sys/kernel/tracing/events/huge_memory/mm_collapse_huge_page/format")
+    assert doc["tiers"]["order"] == ("order;" in formats.read_text())
+    # What the machine running the suite is known to offer (set by tests/vm/suite.sh for
+    # the guest kernels and by .ci/run for CI's locked-down host).
+    expected = [t for t in os.environ.get("KHMON_EXPECT_TIERS", "").split(",") if t]
+    for tier in expected:
+        if tier == "tracepoints_only":
+            assert not doc["tiers"].get("kfunc") and not doc["tiers"].get("kprobe"), doc["tiers"]
+        else:
+            assert doc["tiers"].get(tier) is True, (tier, doc["tiers"])
 
 
 def _report(path: Path) -> tuple[dict, str]:
@@ -96,26 +106,3 @@ def test_recorder_killed_still_reads(tmp_path: Path, fast_khugepaged: dict) -> N
     assert "warning:" in stderr and ("no end part" in stderr or "cut short" in stderr)
     assert report["window"]["complete"] is False
     assert report["collapse"]["succeeded"] >= 4
-
-
-def test_doctor_exits_zero_and_shows_the_tiers(doctor: subprocess.Popen[str]) -> None:
-    stdout, stderr = doctor.communicate(timeout=600)
-    assert doctor.returncode == 0, stderr
-    doc = json.loads(stdout)
-    checks = doc["checks"]
-    tps = {c["item"] for c in checks if c["area"] == "tracepoint" and c["state"] == "ok"}
-    assert "mm_khugepaged_scan_pmd" in tps
-    assert "mm_collapse_huge_page" in tps
-    assert doc["live_capture"] is True
-    assert doc["tiers"]["tracepoints"] is True
-    # The order field is there exactly when the format files say so.
-    formats = Path("/sys/kernel/tracing/events/huge_memory/mm_collapse_huge_page/format")
-    assert doc["tiers"]["order"] == ("order;" in formats.read_text())
-    # What the machine running the suite is known to offer (set by tests/vm/suite.sh for
-    # the guest kernels and by .ci/run for CI's locked-down host).
-    expected = [t for t in os.environ.get("KHMON_EXPECT_TIERS", "").split(",") if t]
-    for tier in expected:
-        if tier == "tracepoints_only":
-            assert not doc["tiers"].get("kfunc") and not doc["tiers"].get("kprobe"), doc["tiers"]
-        else:
-            assert doc["tiers"].get(tier) is True, (tier, doc["tiers"])
