@@ -176,6 +176,11 @@ class Btf:
                         return val
         return None
 
+    def struct_size(self, name: str) -> int | None:
+        """sizeof(struct name), or None if BTF has no such struct."""
+        tid = self.find("STRUCT", name)
+        return self._types[tid][3] if tid is not None else None
+
     def has_func(self, name: str) -> bool:
         return self.find("FUNC", name) is not None
 

@@ -148,15 +148,15 @@ def _tier_summary(t: dict[str, bool]) -> list[Check]:
     bitmaps = [name for name, ok in (
         ("kernel", t.get("mthp_present_ptes") and funcs),
         ("ptwalk", t.get("ptwalk") and funcs),
-        ("pagemap", True), ("inferred", True)) if ok]
+        ("pagemap", not funcs)) if ok]
     return [
         Check("tier", "1 tracepoints", "info", "yes" if t.get("tracepoints") else
               "no" if "tracepoints" in t else "not tried (--no-trial, or not root)"),
         Check("tier", "2 function probes", "info", " and ".join(funcs) if funcs else
               "none: tracepoints only"),
-        Check("tier", "3 bitmap sources", "info", "this kernel allows " + ", ".join(bitmaps)
-              + "; khmon uses kernel where it can, else ptwalk (pagemap and inferred are "
-              "not built yet)"),
+        Check("tier", "3 bitmap sources", "info", "khmon uses " + ", ".join(bitmaps)
+              + (" (pagemap: user space reads each scanned PMD's PTEs from "
+                 "/proc/PID/pagemap after the event)" if not funcs else "")),
     ]
 
 

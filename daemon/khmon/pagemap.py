@@ -392,3 +392,67 @@ class PfnIndex:
         finally:
             os.close(fd)
         return _Runs(pfns, addrs, lens, built)
+
+
+# x86-64 places vmemmap (the struct page array) at a PUD-aligned (1 GiB) base, with or without
+# KASLR (arch/x86/mm/kaslr.c rounds every randomised region to PUD_SIZE). A struct page
+# pointer's offset within its GiB is therefore (pfn * sizeof(struct page)) mod 1 GiB, which
+# names the pfn up to multiples of 1 GiB / sizeof(struct page).
+VMEMMAP_ALIGN = 1 << 30
+MAX_VMEMMAP_WRAPS = 64  # pfn candidates tried per pointer: machines up to 64 x 64 GiB
+
+
+class PagemapSampler:
+    """The `pagemap` bitmap source: for each PMD a scan event names, read its PTEs from user
+    space right after the event.
+
+    A tracepoint-only kernel tells which PMD khugepaged scanned only by a page in it: the
+    classic mm_khugepaged_scan_pmd gives its pfn, the raw tracepoint its struct folio pointer.
+    A pointer becomes pfn candidates (VMEMMAP_ALIGN, `page_struct` bytes per struct page from
+    BTF); the owning process's PfnIndex says which candidate it maps and where, and read_pmd
+    reads that PMD. Each (mm, page) is sampled once per capture (a rescan of an unchanged PMD
+    names the same page); samples() returns them as dicts for the recording's pagemap parts.
+    A page the process does not map (freed, or not found) yields nothing: a best effort,
+    named as such by the record's bitmap_source.
+    """
+
+    MAX_SEEN = 1 << 16  # (mm, page) pairs remembered before starting over
+
+    def __init__(self, ref_field: str, by_pointer: bool, page_struct: int | None,
+                 root: Path = PROC) -> None:
+        self.ref_field = ref_field
+        self.by_pointer = by_pointer
+        self.page_struct = page_struct
+        self.root = root
+        self.index = PfnIndex(root)
+        self._seen: set[tuple[int, int]] = set()
+        self.unresolved = 0
+
+    def _pfns(self, ref: int) -> Iterable[int]:
+        if not self.by_pointer:
+            return (ref,)
+        if not self.page_struct or VMEMMAP_ALIGN % self.page_struct:
+            return ()
+        step = VMEMMAP_ALIGN // self.page_struct
+        low = ref % VMEMMAP_ALIGN // self.page_struct
+        return (low + k * step for k in range(MAX_VMEMMAP_WRAPS))
+
+    def sample(self, mm: int, pid: int, ref: int) -> dict | None:
+        """The PMD around page `ref` of process `pid`, once per (mm, ref); None otherwise."""
+        if not pid or not ref or (mm, ref) in self._seen:
+            return None
+        if len(self._seen) >= self.MAX_SEEN:
+            self._seen.clear()
+        self._seen.add((mm, ref))
+        for pfn in self._pfns(ref):
+            addr = self.index.pmd_of(pid, pfn)
+            if addr is None:
+                continue
+            pages = read_pmd(pid, addr, self.root)
+            if pages is None:
+                break
+            return {"mm": mm, "pid": pid, "ref": ref, "pfn": pfn, "address": addr,
+                    "present": pages.present.hex(), "swap": pages.swap.hex(),
+                    "zero": pages.zero.hex(), "none": pages.none, "shared": pages.shared}
+        self.unresolved += 1
+        return None

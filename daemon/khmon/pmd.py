@@ -9,6 +9,10 @@ The correlator turns the function-probe events of a stream into PMD records:
                and on the mTHP series the scan's bitmap of present PTEs (source `kernel`);
   mm_collapse_huge_page_isolate          the isolate verdict of the attempt that encloses it
                on the same thread (this tracepoint carries no mm and no address).
+Without function probes (a tracepoint-only kernel) the capture reads each scanned PMD's PTEs
+from pagemap (khmon.pagemap.PagemapSampler, source `pagemap`): its pages parts name the PMD
+around the page a mm_khugepaged_scan_pmd event reported, and that event's scans and verdicts
+are counted for the PMD.
 Attempts are keyed by (mm, PMD) rather than by position in the stream: a rescan whose picture
 is unchanged sends no record, but each of its attempts does. Plain Python over decoded
 records, so it runs the same on live events, recordings and tests.
@@ -33,10 +37,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import funcprobes
-from .geometry import PAGE_SHIFT, PMD_MASK, PMD_ORDER
+from .geometry import BITMAP_BYTES, PAGE_SHIFT, PMD_MASK, PMD_ORDER
 from .layout import EventLayout
 
 ISOLATE = "mm_collapse_huge_page_isolate"
+SCAN_PMD = "mm_khugepaged_scan_pmd"
+# Bitmap sources, best first: a better one is never replaced by a worse one.
+SOURCES = ("kernel", "ptwalk", "pagemap")
 
 
 @dataclass
@@ -59,7 +66,6 @@ class _Pmd:
     pid: int = 0
     comm: str = ""
     vm_flags: int | None = None
-    scans: int = 0
     verdicts: Counter[str] = field(default_factory=Counter)
     bitmap: bytes | None = None
     bitmap_source: str | None = None
@@ -109,11 +115,19 @@ class _OpenPass:
 class PmdCorrelator:
     """Feed it record batches (event index, bytes); records() gives the PMD records."""
 
-    def __init__(self, layouts: list[EventLayout], vma_flag_bits: dict[str, int]) -> None:
+    def __init__(self, layouts: list[EventLayout], vma_flag_bits: dict[str, int],
+                 pagemap_ref: str | None = None) -> None:
+        """`pagemap_ref`: the mm_khugepaged_scan_pmd field that names the scanned page, when
+        the capture sampled pagemap (the recording's header says which)."""
         by_name = {lay.name: lay for lay in layouts}
         self.scan = by_name.get(funcprobes.PMD_SCAN)
         self.collapse = by_name.get(funcprobes.COLLAPSE)
         self.isolate = by_name.get(ISOLATE)
+        self.tp_scan = by_name.get(SCAN_PMD) if pagemap_ref and self.scan is None else None
+        self.pagemap_ref = pagemap_ref
+        # tracepoint scans by (mm, page, verdict), and which PMD a (mm, page) is in
+        self._tp_scans: Counter[tuple[int, int, str]] = Counter()
+        self._page_pmd: dict[tuple[int, int], tuple[int, int]] = {}
         self.vma_flag_bits = vma_flag_bits
         self.pmds: dict[tuple[int, int], _Pmd] = {}
         # per thread, in time order: (ts, isolate status) not yet claimed by an attempt
@@ -123,12 +137,12 @@ class PmdCorrelator:
 
     @property
     def active(self) -> bool:
-        """Without function probes there are no PMD addresses, so no PMD records."""
-        return self.scan is not None or self.collapse is not None
+        """PMD records need PMD addresses: function probes, or pagemap samples."""
+        return self.scan is not None or self.collapse is not None or self.tp_scan is not None
 
     def add(self, event: int, data: bytes) -> None:
         for lay, handler in ((self.scan, self._scan), (self.collapse, self._collapse),
-                             (self.isolate, self._isolate)):
+                             (self.isolate, self._isolate), (self.tp_scan, self._tp)):
             if lay is not None and lay.index == event:
                 for rec in lay.struct.iter_unpack(data):
                     handler(lay.record_type(*rec))
@@ -145,7 +159,6 @@ class PmdCorrelator:
 
     def _scan(self, rec: Any) -> None:
         p = self._pmd(rec)
-        p.scans += rec.count
         p.vm_flags = rec.vm_flags
         p.verdicts[self.scan.fmt.symbol("result", rec.result)] += rec.count
         if getattr(rec, "walk", None) == 0:  # the PTE walk reached the PTE table
@@ -158,6 +171,30 @@ class PmdCorrelator:
             open_pass = self._open.get(rec.tid)
             if open_pass is not None and open_pass.pmd is p and not open_pass.walked:
                 open_pass.bitmap, open_pass.walked = rec.present, True
+
+    def _tp(self, rec: Any) -> None:
+        self._tp_scans[(rec.mm, getattr(rec, self.pagemap_ref),
+                        self.tp_scan.fmt.symbol("status", rec.status))] += rec.count
+
+    def add_pages(self, meta: dict[str, Any]) -> None:
+        """A pagemap sample (khmon.pagemap.PagemapSampler): the PMD's PTEs, read from user
+        space right after a scan event named a page in it."""
+        key = (meta["mm"], meta["address"])
+        p = self.pmds.get(key)
+        if p is None:
+            p = self.pmds[key] = _Pmd(*key)
+        if not p.pid:
+            p.pid, p.comm = meta["pid"], meta.get("comm", "")
+        self._page_pmd[(meta["mm"], meta["ref"])] = key
+        if p.bitmap_source in SOURCES[:SOURCES.index("pagemap")]:
+            return
+        present, zero, swap = (int(meta[k], 16) for k in ("present", "zero", "swap"))
+        # As in the kernel's bitmap: a bit per PTE that maps a page, the zero page excluded.
+        p.bitmap = (present & ~zero).to_bytes(BITMAP_BYTES, "big")
+        p.bitmap_source = "pagemap"
+        p.bitmaps_seen.add(p.bitmap)
+        p.ptes = {"none": meta["none"], "swap": swap.bit_count(), "zero": zero.bit_count(),
+                  "shared": meta["shared"]}
 
     def _isolate(self, rec: Any) -> None:
         self._isolates[rec.tid].append((rec.ts, self.isolate.fmt.symbol("status", rec.status)))
@@ -205,8 +242,14 @@ class PmdCorrelator:
         """PMD records, the ones with the most attempts first."""
         self._close_passes()
         uffd = [m for name, m in self.vma_flag_bits.items() if name.startswith("uffd")]
+        tp_scans: dict[tuple[int, int], Counter[str]] = defaultdict(Counter)
+        for (mm, ref, verdict), n in self._tp_scans.items():
+            key = self._page_pmd.get((mm, ref))
+            if key is not None:
+                tp_scans[key][verdict] += n
         out = []
-        for p in self.pmds.values():
+        for key, p in self.pmds.items():
+            verdicts = p.verdicts + tp_scans.get(key, Counter())
             flags = p.vm_flags
             out.append({
                 "pid": p.pid or None,
@@ -217,9 +260,9 @@ class PmdCorrelator:
                 "vma_flag_names": (sorted(n for n, m in self.vma_flag_bits.items() if flags & m)
                                    if flags is not None else None),
                 "uffd": bool(any(flags & m for m in uffd)) if flags is not None and uffd else None,
-                "scans": p.scans,
-                "verdict": p.verdicts.most_common(1)[0][0] if p.verdicts else None,
-                "verdicts": dict(p.verdicts.most_common()),
+                "scans": sum(verdicts.values()),
+                "verdict": verdicts.most_common(1)[0][0] if verdicts else None,
+                "verdicts": dict(verdicts.most_common()),
                 "bitmap": p.bitmap.hex() if p.bitmap is not None else None,
                 "bitmap_source": p.bitmap_source,
                 "present": bitmap_count(p.bitmap) if p.bitmap is not None else None,

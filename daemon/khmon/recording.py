@@ -8,6 +8,8 @@ Layout: MAGIC (10 bytes), then frames of `<kind:u8><length:u32><crc32:u32><paylo
   S  stats, JSON: khmon's probe counters (seen, lost, missed) and the kernel's THP
      counters at that moment; written every second, so a recording cut short still has them.
   E  end, JSON: the final stats, written once after the probes are detached and drained.
+  P  pages, JSON: one PMD's PTEs as user space read them from /proc/PID/pagemap right after
+     a scan event named the PMD (the `pagemap` bitmap source, on tracepoint-only kernels).
 
 A file cut short (SIGKILL, full disk) reads up to its last complete frame with a warning; a
 file that is not a recording, or whose checksums fail, is refused with a KhmonError.
@@ -33,16 +35,17 @@ MAGIC = b"\x89KHMON\r\n\x1a\n"  # like PNG's: binary, and detects newline mangli
 VERSION = 1
 FRAME = struct.Struct("<BII")
 EVENT_INDEX = struct.Struct("<H")
-HEADER, RECORDS, STATS, END = b"H", b"R", b"S", b"E"
-KINDS = {HEADER[0], RECORDS[0], STATS[0], END[0]}
+HEADER, RECORDS, STATS, END, PAGES = b"H", b"R", b"S", b"E", b"P"
+KINDS = {HEADER[0], RECORDS[0], STATS[0], END[0], PAGES[0]}
 
 
 @dataclass
 class Part:
-    """One decoded frame: kind is 'H', 'R', 'S' or 'E'."""
+    """One decoded frame: kind is 'H' (header), 'R' (records), 'S' (stats), 'E' (end) or
+    'P' (one PMD's PTEs read from pagemap, khmon.pagemap.PagemapSampler)."""
 
     kind: str
-    meta: dict = field(default_factory=dict)  # H, S, E
+    meta: dict = field(default_factory=dict)  # H, S, E, P
     event: int = -1  # R: event index
     data: bytes = b""  # R: concatenated records
 
@@ -75,14 +78,14 @@ class Writer:
         self._write(FRAME.pack(kind[0], len(payload), zlib.crc32(payload)) + payload)
 
     def add(self, part: Part) -> None:
-        """Append one part of an event stream (records, stats or end)."""
+        """Append one part of an event stream (records, stats, pages or end)."""
         if part.kind == "R":
             if part.data:
                 self.frame(RECORDS, EVENT_INDEX.pack(part.event) + part.data)
-        elif part.kind in ("S", "E"):
+        elif part.kind in ("S", "E", "P"):
             self.frame(part.kind.encode(), json.dumps(part.meta).encode())
         else:
-            raise ValueError(f"a writer takes record, stats and end parts, not {part.kind!r}")
+            raise ValueError(f"a writer takes record, stats, pages and end parts, not {part.kind!r}")
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

@@ -99,7 +99,7 @@ def _functions(f: dict[str, Any]) -> list[str]:
 def _pmds(pmds: list[dict[str, Any]], grids: int) -> list[str]:
     if not pmds:
         return []
-    lines = ["", f"PMDs seen by the function probes: {len(pmds)} (all in --json pmds)"]
+    lines = ["", f"PMD records: {len(pmds)} (all in --json pmds)"]
     lines += _table(["pid", "address", "scans", "verdict", "uffd", "present", "source", "attempts"],
                     [[p["pid"] or "-", p["address"], p["scans"], p["verdict"] or "-",
                       {True: "yes", False: "no", None: "?"}[p["uffd"]],

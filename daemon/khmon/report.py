@@ -100,7 +100,8 @@ class Aggregator:
         self.header = header
         self.layouts = layouts if layouts is not None else layouts_from_header(header["events"])
         self.events = [_EventCounts(lay) for lay in self.layouts]
-        self.pmds = PmdCorrelator(self.layouts, header.get("vma_flag_bits", {}))
+        self.pmds = PmdCorrelator(self.layouts, header.get("vma_flag_bits", {}),
+                                  header.get("pagemap_ref"))
         self.last_stats: dict | None = None
         self.ended = False
 
@@ -109,6 +110,8 @@ class Aggregator:
             self.events[part.event].add(part.data)
             if self.pmds.active:
                 self.pmds.add(part.event, part.data)
+        elif part.kind == "P":
+            self.pmds.add_pages(part.meta)
         elif part.kind in ("S", "E"):
             self.last_stats = part.meta
             self.ended = self.ended or part.kind == "E"

@@ -21,9 +21,10 @@ from .bpfgen import OwnerOffsets, ProbeConfig
 from .btf import Btf
 from .errors import EXIT_BAD_INPUT, KhmonError
 from .layout import EventLayout, build_layouts, header_events
+from .pagemap import PagemapSampler
 from .probes import LiveProbes
 from .recording import Part, Writer
-from .report import Aggregator
+from .report import SCAN_PMD, Aggregator
 from .sysfs import read_counters, read_settings
 from .tracefs import read_formats
 
@@ -85,6 +86,7 @@ class LiveCapture:
         self.probes = LiveProbes(layouts, self.owner, cfg, with_kprobe_stub,
                                  before_attach=self._read_start_counters)
         self.layouts = self.probes.layouts  # without function probes the kernel refused
+        self.pages = _pagemap_source(self.layouts, btf) if self.probes.func_mode is None else None
 
     def _read_start_counters(self) -> None:
         self.start_counters = read_counters()
@@ -107,6 +109,8 @@ class LiveCapture:
             "function_probes": {"mode": self.probes.func_mode,
                                 "refused": self.probes.func_errors},
             "vma_flag_bits": self.vma_flags,
+            # the scan_pmd field naming the page of each pagemap part, when there are any
+            "pagemap_ref": self.pages[1].ref_field if self.pages else None,
             "settings": read_settings(),
             "counters": self.start_counters,
             "recorder_pid": os.getpid(),
@@ -130,6 +134,8 @@ class LiveCapture:
                     break
                 for ev, data in self.probes.poll(POLL_MS).items():
                     yield Part("R", event=ev, data=data)
+                    if self.pages is not None and ev == self.pages[0].index:
+                        yield from self._sample_pages(data)
                 if time.monotonic() >= next_stats:
                     next_stats += STATS_INTERVAL_S
                     self.probes.advance_epoch()
@@ -142,6 +148,17 @@ class LiveCapture:
                 self.probes.detach()
             else:
                 self.probes.close()
+
+    def _sample_pages(self, data: bytes) -> Iterator[Part]:
+        """Pagemap parts for the PMDs these scan records name, read right now."""
+        lay, sampler = self.pages
+        for rec in lay.struct.iter_unpack(data):
+            r = lay.record_type(*rec)
+            got = sampler.sample(r.mm, r.owner_tgid, getattr(r, sampler.ref_field))
+            if got is not None:
+                got["ts"] = r.ts
+                got["comm"] = r.owner_comm.rstrip(b"\0").decode(errors="replace")
+                yield Part("P", meta=got)
 
     def reopen(self) -> None:
         """Attach again after a kept window; counts start from zero."""
@@ -181,3 +198,17 @@ def capture(cfg: ProbeConfig, duration: float | None, out: Path | None,
         if writer:
             writer.close()
     return agg, warnings
+
+
+def _pagemap_source(layouts: list[EventLayout], btf: Btf) -> tuple[EventLayout, PagemapSampler] | None:
+    """Without function probes, PMDs are known only by the page mm_khugepaged_scan_pmd names:
+    its pfn (classic tracepoint) or its struct folio/page pointer (raw tracepoint)."""
+    lay = next((x for x in layouts if x.name == SCAN_PMD), None)
+    if lay is None:
+        return None
+    for f in lay.fields:
+        if f.name == "pfn":
+            return lay, PagemapSampler("pfn", False, None)
+        if f.ctype.replace(" ", "") in ("structfolio*", "structpage*"):
+            return lay, PagemapSampler(f.name, True, btf.struct_size("page"))
+    return None

@@ -174,11 +174,12 @@ def _futile(pmd: dict[str, Any], r: _Reason) -> None:
 
 def wasted(pmds: Iterable[dict[str, Any]], seen: bool = True) -> dict[str, Any]:
     """The report's `wasted`: by_reason.<reason>.attempts|bytes|seconds with top processes and
-    PMDs. `seen` is False when no function probe ran: then nothing per PMD was seen, and the
-    report says so instead of printing zeros."""
+    PMDs. `seen` is False when nothing saw PMDs (no function probes, no pagemap samples):
+    then the report says so instead of printing zeros."""
     if not seen:
-        return {"available": False, "why": "no function probes on this kernel, so no PMD "
-                "records to judge (khmon doctor: kfunc/kprobe)", "by_reason": {}}
+        return {"available": False, "why": "no function probes and no pagemap samples in this "
+                "capture, so no PMD records to judge (khmon doctor: kfunc/kprobe)",
+                "by_reason": {}}
     r = {name: _Reason() for name in REASONS}
     for pmd in pmds:
         _attempt_costs(pmd, r)

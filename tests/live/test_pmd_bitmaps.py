@@ -30,6 +30,12 @@ def _expected_source() -> set[str]:
     return {"kernel", "ptwalk"}
 
 
+def _pagemap_only(report: dict) -> None:
+    """Without function probes, PMD records come from pagemap samples alone: no attempts
+    (collapse_huge_page's tracepoint names no address)."""
+    assert all(p["bitmap_source"] == "pagemap" and not p["attempts"] for p in report["pmds"])
+
+
 def _hex(bits: list[bool]) -> str:
     """The bitmap as the report writes it, computed here: byte j holds PTEs 8j..8j+7,
     PTE 8j+k in bit k."""
@@ -43,7 +49,7 @@ def test_pmd_bitmaps_equal_the_patterns(live_capture: LiveCapture, run_workloads
         [["--pmds", str(PMDS), "--pattern", p, "--seed", str(seed)] for p, seed in PATTERNS],
         knobs={"khugepaged/max_ptes_none": "511"})
     if live_capture.probes.func_mode is None:
-        assert report["pmds"] == []
+        _pagemap_only(report)
         assert report["functions"]["refused"]
         return
     pmds = {(p["pid"], int(p["address"], 16)): p for p in report["pmds"]}
@@ -67,7 +73,7 @@ def test_attempts_per_order_match_collapse_alloc(live_capture: LiveCapture,
                                  knobs={"khugepaged/max_ptes_none": "511"})
     assert w["collapsed_pmds"] == 4
     if live_capture.probes.func_mode is None:
-        assert report["pmds"] == []
+        _pagemap_only(report)
         return
     mine = [p for p in report["pmds"] if p["pid"] == w["pid"]]
     assert len(mine) == 4
@@ -86,3 +92,28 @@ def test_attempts_per_order_match_collapse_alloc(live_capture: LiveCapture,
         if stat in delta:  # per-order stats (the mTHP series): one folio per attempt
             assert delta[stat] == n, (order, n, delta[stat])
     assert sum(by_order.values()) == delta["thp_collapse_alloc"]
+
+
+def test_pagemap_bitmaps_where_only_tracepoints(live_capture: LiveCapture,
+                                                run_workloads) -> None:
+    # max_ptes_none 0: khugepaged refuses every PMD that has an empty PTE, so their pages stay
+    # where the workload put them and a pagemap read after the scan sees the pattern.
+    patterns = [("every4th-empty", 1), ("first-half", 1), ("one-page", 1), ("random", 7)]
+    report, works = run_workloads(
+        [["--pmds", str(PMDS), "--pattern", p, "--seed", str(seed)] for p, seed in patterns],
+        knobs={"khugepaged/max_ptes_none": "0"})
+    if live_capture.probes.func_mode is not None:
+        # Function probes see the PMDs themselves (the tests above); no pagemap sampling.
+        assert live_capture.pages is None
+        return
+    pmds = {(p["pid"], int(p["address"], 16)): p for p in report["pmds"]}
+    for (pattern, seed), w in zip(patterns, works, strict=True):
+        for i in range(PMDS):
+            addr = int(w["start"], 16) + i * PMD_SIZE
+            rec = pmds.get((w["pid"], addr))
+            assert rec is not None, f"{pattern}: no PMD record for {addr:#x}"
+            assert rec["bitmap_source"] == "pagemap", rec
+            assert rec["bitmap"] == _hex(pattern_bits(pattern, seed)), (pattern, rec["bitmap"])
+            # the scans the kernel made of it, and its verdict: refused for the empty PTEs
+            assert rec["scans"] >= 1 and rec["verdict"] == "exceed_none_pte", rec
+    assert report["wasted"]["available"] is True

@@ -48,7 +48,8 @@ def test_uffd_isolate_attempts_equal_the_kernels_folio_allocations(
     assert w["collapsed_pmds"] == 0
     wasted = report["wasted"]
     if live_capture.probes.func_mode is None:
-        assert wasted["available"] is False and wasted["why"]
+        # no attempt is seen per PMD without function probes: nothing priced as uffd waste
+        assert wasted["by_reason"].get("uffd_isolate", {}).get("attempts", 0) == 0
         return
     acc = report["accounting"]["fn_collapse"]
     assert acc["lost"] == 0 and acc["unaccounted"] == 0, acc
@@ -88,7 +89,8 @@ def test_v19_model_predicts_every_pass(live_capture: LiveCapture, run_workloads,
          for p, s in patterns],
         knobs={"khugepaged/max_ptes_none": max_ptes_none, **_mthp_knobs(range(2, 10))})
     if live_capture.probes.func_mode is None:
-        assert report["pmds"] == [] and report["wasted"]["available"] is False
+        # PMD records from pagemap samples alone: bitmaps, no attempts, nothing to replay
+        assert not any(p["attempts"] for p in report["pmds"])
         return
     settings = simulate.settings_from_sysfs(report["settings"])
     assert settings.max_ptes_none == int(max_ptes_none)

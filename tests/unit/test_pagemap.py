@@ -15,7 +15,7 @@ import pytest
 
 from khmon import pagemap
 from khmon.errors import KhmonError
-from khmon.pagemap import PfnIndex, read_pmd
+from khmon.pagemap import PagemapSampler, PfnIndex, read_pmd
 
 PID = 4242
 BASE = 0x4000_0000  # 1 GiB: low, so the sparse pagemap file stays small
@@ -283,3 +283,32 @@ def test_maps_parsing(tmp_path: Path) -> None:
         (BASE + 9 * PMD, BASE + 10 * PMD, 0, "[vdso]", False),
     ]
     assert pagemap.read_maps(PID + 1, root) is None
+
+
+# --- PagemapSampler ---------------------------------------------------------------------------
+
+VMEMMAP = 0xFFFF_EA00_0000_0000  # x86-64's vmemmap_base without KASLR: 1 GiB aligned
+
+
+def test_sampler_turns_a_folio_pointer_into_the_pmd_around_it(tmp_path: Path) -> None:
+    # The second PMD, every 4th PTE empty; its PTE 5 maps pfn 0x10005. A raw tracepoint
+    # names that page by its struct page pointer, vmemmap + pfn * 64.
+    root = make_proc(tmp_path, {pte(i, 1): anon(0x10000 + i) for i in range(512) if i % 4 != 3})
+    s = PagemapSampler("folio", True, 64, root)
+    got = s.sample(0xAA, PID, VMEMMAP + 0x10005 * 64)
+    assert got is not None
+    assert (got["pid"], got["pfn"], got["address"]) == (PID, 0x10005, BASE + PMD)
+    assert (got["present"], got["none"], got["shared"]) == ("77" * 64, 128, 0)
+    # the same page again: sampled once per capture
+    assert s.sample(0xAA, PID, VMEMMAP + 0x10005 * 64) is None
+    # a page the process does not map, and no owner: nothing, the first counted
+    assert s.sample(0xAA, PID, VMEMMAP + 0x99999 * 64) is None
+    assert s.sample(0xAA, 0, VMEMMAP + 0x10001 * 64) is None
+    assert s.unresolved == 1
+
+
+def test_sampler_with_a_pfn_field(tmp_path: Path) -> None:
+    root = make_proc(tmp_path, {pte(i): anon(0x20000 + i) for i in range(256)})
+    got = PagemapSampler("pfn", False, None, root).sample(0xBB, PID, 0x20010)
+    assert got is not None and got["address"] == BASE
+    assert got["present"] == "ff" * 32 + "00" * 32

@@ -160,3 +160,39 @@ def test_passes_of_two_threads_do_not_mix() -> None:
                **{**owner(), "tid": 38})
     (p,) = correlate((COL, [a37, a38, attempt(0, 8, "exceed_none_pte", ts=3, dur=1)]))
     assert sorted((ps["count"], len(ps["attempts"])) for ps in p["passes"]) == [(1, 1), (1, 2)]
+
+
+def test_pagemap_samples_on_a_tracepoint_only_kernel() -> None:
+    # 6.18's classic mm_khugepaged_scan_pmd names the page by pfn. Two scans of one PMD
+    # (a record counted 2) refused with exceed_none_pte, and the pagemap part for its page:
+    # every 4th PTE empty, PTE 1 the zero page (so not in the bitmap, counted as zero).
+    from khdata import layouts
+
+    tps = by_name(layouts("6.18"))
+    sp = tps["mm_khugepaged_scan_pmd"]
+    status = {v: k for k, v in sp.fmt.symbols["status"].items()}
+    c = PmdCorrelator(list(tps.values()), {}, "pfn")
+    assert c.active
+    c.add(sp.index, pack(sp.fmt, sp.index, count=2, mm=MM, pfn=0x1234,
+                         status=status["exceed_none_pte"], **owner()))
+    zero = bytearray(64)
+    zero[0] = 0b10
+    c.add_pages({"mm": MM, "pid": 4242, "comm": "khmon-workload", "ref": 0x1234,
+                 "pfn": 0x1234, "address": PMD, "present": "77" * 64, "zero": zero.hex(),
+                 "swap": "00" * 64, "none": 128, "shared": 0})
+    (p,) = c.records()
+    assert (p["pid"], p["address"], p["bitmap_source"], p["scans"], p["verdict"]) == (
+        4242, hex(PMD), "pagemap", 2, "exceed_none_pte")
+    assert p["bitmap"] == "75" + "77" * 63 and p["present"] == 383
+    assert p["ptes"] == {"none": 128, "swap": 0, "zero": 1, "shared": 0}
+
+
+def test_pagemap_never_replaces_a_better_source() -> None:
+    (col,) = [LAYS["fn_collapse"]]
+    c = PmdCorrelator(list(LAYS.values()), BITS)
+    c.add(col.index, attempt(0, 9, "succeeded", ts=1, dur=1))
+    c.add_pages({"mm": MM, "pid": 4242, "ref": 1, "pfn": 1, "address": PMD,
+                 "present": "ff" * 64, "zero": "00" * 64, "swap": "00" * 64, "none": 0,
+                 "shared": 0})
+    (p,) = c.records()
+    assert (p["bitmap_source"], p["bitmap"]) == ("kernel", "77" * 64)

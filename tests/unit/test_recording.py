@@ -31,6 +31,7 @@ def _parts() -> list[Part]:
         Part("R", event=0, data=b"\x01" * SIZE0),
         Part("R", event=1, data=bytes(range(SIZE1)) * 2),
         Part("S", meta={"probe": {"seen": {"a": 3}}, "mono_ns": 10}),
+        Part("P", meta={"mm": 1, "address": 2 << 20, "present": "ff" * 64}),
         Part("R", event=0, data=b"\x02" * SIZE0 * 3),
         Part("E", meta={"probe": {"seen": {"a": 7}}, "mono_ns": 20}),
     ]
