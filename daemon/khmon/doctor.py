@@ -145,10 +145,11 @@ def run_checks(trial: bool = True) -> list[Check]:
 def _tier_summary(t: dict[str, bool]) -> list[Check]:
     """The probe tiers of DESIGN.md, as this kernel allows them."""
     funcs = [k for k in ("kfunc", "kprobe") if t.get(k)]
+    # The one source khmon takes bitmaps from here (khmon.pmd.SOURCES, best first).
     bitmaps = [name for name, ok in (
         ("kernel", t.get("mthp_present_ptes") and funcs),
         ("ptwalk", t.get("ptwalk") and funcs),
-        ("pagemap", not funcs)) if ok]
+        ("pagemap", not funcs)) if ok][:1]
     return [
         Check("tier", "1 tracepoints", "info", "yes" if t.get("tracepoints") else
               "no" if "tracepoints" in t else "not tried (--no-trial, or not root)"),
