@@ -406,22 +406,26 @@ class PagemapSampler:
     """The `pagemap` bitmap source: for each PMD a scan event names, read its PTEs from user
     space right after the event.
 
-    A tracepoint-only kernel tells which PMD khugepaged scanned only by a page in it: the
-    classic mm_khugepaged_scan_pmd gives its pfn, the raw tracepoint its struct folio pointer.
-    A pointer becomes pfn candidates (VMEMMAP_ALIGN, `page_struct` bytes per struct page from
-    BTF); the owning process's PfnIndex says which candidate it maps and where, and read_pmd
-    reads that PMD. Each (mm, page) is sampled once per capture (a rescan of an unchanged PMD
-    names the same page); samples() returns them as dicts for the recording's pagemap parts.
-    A page the process does not map (freed, or not found) yields nothing: a best effort,
-    named as such by the record's bitmap_source.
+    Events name the PMD in one of three ways (`kind`): by its address (the per-PMD function
+    probe, on kernels whose bitmap comes only with collapse attempts), by the pfn of a page in
+    it (the classic mm_khugepaged_scan_pmd), or by that page's struct folio pointer (its raw
+    tracepoint). A pointer becomes pfn candidates (VMEMMAP_ALIGN, `page_struct` bytes per
+    struct page from BTF); the owning process's PfnIndex says which candidate it maps and
+    where. Each (mm, reference) is sampled once per capture (a rescan of an unchanged PMD names
+    the same one); a page the process no longer maps yields nothing, counted in `unresolved`:
+    a best effort, named as such by the record's bitmap_source.
     """
 
     MAX_SEEN = 1 << 16  # (mm, page) pairs remembered before starting over
 
-    def __init__(self, ref_field: str, by_pointer: bool, page_struct: int | None,
+    KINDS = ("address", "pfn", "pointer")
+
+    def __init__(self, ref_field: str, kind: str, page_struct: int | None = None,
                  root: Path = PROC) -> None:
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown page reference kind {kind!r}")
         self.ref_field = ref_field
-        self.by_pointer = by_pointer
+        self.kind = kind
         self.page_struct = page_struct
         self.root = root
         self.index = PfnIndex(root)
@@ -429,7 +433,7 @@ class PagemapSampler:
         self.unresolved = 0
 
     def _pfns(self, ref: int) -> Iterable[int]:
-        if not self.by_pointer:
+        if self.kind == "pfn":
             return (ref,)
         if not self.page_struct or VMEMMAP_ALIGN % self.page_struct:
             return ()
@@ -438,14 +442,15 @@ class PagemapSampler:
         return (low + k * step for k in range(MAX_VMEMMAP_WRAPS))
 
     def sample(self, mm: int, pid: int, ref: int) -> dict | None:
-        """The PMD around page `ref` of process `pid`, once per (mm, ref); None otherwise."""
+        """The PMD that `ref` names in process `pid`, once per (mm, ref); None otherwise."""
         if not pid or not ref or (mm, ref) in self._seen:
             return None
         if len(self._seen) >= self.MAX_SEEN:
             self._seen.clear()
         self._seen.add((mm, ref))
-        for pfn in self._pfns(ref):
-            addr = self.index.pmd_of(pid, pfn)
+        where = ([(None, ref & PMD_MASK)] if self.kind == "address" else
+                 ((pfn, self.index.pmd_of(pid, pfn)) for pfn in self._pfns(ref)))
+        for pfn, addr in where:
             if addr is None:
                 continue
             pages = read_pmd(pid, addr, self.root)

@@ -86,7 +86,7 @@ class LiveCapture:
         self.probes = LiveProbes(layouts, self.owner, cfg, with_kprobe_stub,
                                  before_attach=self._read_start_counters)
         self.layouts = self.probes.layouts  # without function probes the kernel refused
-        self.pages = _pagemap_source(self.layouts, btf) if self.probes.func_mode is None else None
+        self.pages = _pagemap_source(self.layouts, btf)
 
     def _read_start_counters(self) -> None:
         self.start_counters = read_counters()
@@ -201,14 +201,22 @@ def capture(cfg: ProbeConfig, duration: float | None, out: Path | None,
 
 
 def _pagemap_source(layouts: list[EventLayout], btf: Btf) -> tuple[EventLayout, PagemapSampler] | None:
-    """Without function probes, PMDs are known only by the page mm_khugepaged_scan_pmd names:
-    its pfn (classic tracepoint) or its struct folio/page pointer (raw tracepoint)."""
-    lay = next((x for x in layouts if x.name == SCAN_PMD), None)
+    """Where no BPF source gives every scanned PMD a bitmap, the scan event that names the
+    PMD, and how it names it. With the per-PMD function probe: by address, unless its PTE walk
+    (ptwalk) gives the bitmap already; on the mTHP series the kernel's bitmap comes only with
+    a collapse attempt, so PMDs the scan refused are read from pagemap. Without function
+    probes: mm_khugepaged_scan_pmd's pfn (classic tracepoint) or struct folio/page pointer
+    (raw tracepoint)."""
+    by_name = {x.name: x for x in layouts}
+    fn = by_name.get(funcprobes.PMD_SCAN)
+    if fn is not None:
+        return None if fn.func.ptwalk else (fn, PagemapSampler("address", "address"))
+    lay = by_name.get(SCAN_PMD)
     if lay is None:
         return None
     for f in lay.fields:
         if f.name == "pfn":
-            return lay, PagemapSampler("pfn", False, None)
+            return lay, PagemapSampler("pfn", "pfn")
         if f.ctype.replace(" ", "") in ("structfolio*", "structpage*"):
-            return lay, PagemapSampler(f.name, True, btf.struct_size("page"))
+            return lay, PagemapSampler(f.name, "pointer", btf.struct_size("page"))
     return None

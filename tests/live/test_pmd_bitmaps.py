@@ -94,26 +94,26 @@ def test_attempts_per_order_match_collapse_alloc(live_capture: LiveCapture,
     assert sum(by_order.values()) == delta["thp_collapse_alloc"]
 
 
-def test_pagemap_bitmaps_where_only_tracepoints(live_capture: LiveCapture,
-                                                run_workloads) -> None:
-    # max_ptes_none 0: khugepaged refuses every PMD that has an empty PTE, so their pages stay
-    # where the workload put them and a pagemap read after the scan sees the pattern.
+def test_refused_pmds_have_bitmaps_too(live_capture: LiveCapture, run_workloads) -> None:
+    # max_ptes_none 0: khugepaged refuses every PMD that has an empty PTE, so no collapse
+    # attempt carries the kernel's bitmap. Their bitmaps come from the PTE walk (6.1), else
+    # from pagemap, read right after the scan event (the pages stay where the workload put
+    # them, so the read sees the pattern).
     patterns = [("every4th-empty", 1), ("first-half", 1), ("one-page", 1), ("random", 7)]
     report, works = run_workloads(
         [["--pmds", str(PMDS), "--pattern", p, "--seed", str(seed)] for p, seed in patterns],
         knobs={"khugepaged/max_ptes_none": "0"})
-    if live_capture.probes.func_mode is not None:
-        # Function probes see the PMDs themselves (the tests above); no pagemap sampling.
-        assert live_capture.pages is None
-        return
+    walks = "ptwalk" in os.environ.get("KHMON_EXPECT_TIERS", "").split(",")
+    assert (live_capture.pages is None) == walks
     pmds = {(p["pid"], int(p["address"], 16)): p for p in report["pmds"]}
     for (pattern, seed), w in zip(patterns, works, strict=True):
         for i in range(PMDS):
             addr = int(w["start"], 16) + i * PMD_SIZE
             rec = pmds.get((w["pid"], addr))
             assert rec is not None, f"{pattern}: no PMD record for {addr:#x}"
-            assert rec["bitmap_source"] == "pagemap", rec
+            assert rec["bitmap_source"] == ("ptwalk" if walks else "pagemap"), rec
             assert rec["bitmap"] == _hex(pattern_bits(pattern, seed)), (pattern, rec["bitmap"])
-            # the scans the kernel made of it, and its verdict: refused for the empty PTEs
+            # the kernel's scans of it, and its verdict: refused for the empty PTEs
             assert rec["scans"] >= 1 and rec["verdict"] == "exceed_none_pte", rec
+            assert rec["attempts"] == []
     assert report["wasted"]["available"] is True

@@ -294,7 +294,7 @@ def test_sampler_turns_a_folio_pointer_into_the_pmd_around_it(tmp_path: Path) ->
     # The second PMD, every 4th PTE empty; its PTE 5 maps pfn 0x10005. A raw tracepoint
     # names that page by its struct page pointer, vmemmap + pfn * 64.
     root = make_proc(tmp_path, {pte(i, 1): anon(0x10000 + i) for i in range(512) if i % 4 != 3})
-    s = PagemapSampler("folio", True, 64, root)
+    s = PagemapSampler("folio", "pointer", 64, root)
     got = s.sample(0xAA, PID, VMEMMAP + 0x10005 * 64)
     assert got is not None
     assert (got["pid"], got["pfn"], got["address"]) == (PID, 0x10005, BASE + PMD)
@@ -309,6 +309,14 @@ def test_sampler_turns_a_folio_pointer_into_the_pmd_around_it(tmp_path: Path) ->
 
 def test_sampler_with_a_pfn_field(tmp_path: Path) -> None:
     root = make_proc(tmp_path, {pte(i): anon(0x20000 + i) for i in range(256)})
-    got = PagemapSampler("pfn", False, None, root).sample(0xBB, PID, 0x20010)
+    got = PagemapSampler("pfn", "pfn", None, root).sample(0xBB, PID, 0x20010)
     assert got is not None and got["address"] == BASE
     assert got["present"] == "ff" * 32 + "00" * 32
+
+
+def test_sampler_by_address(tmp_path: Path) -> None:
+    # the per-PMD function probe names the PMD itself (any address inside it)
+    root = make_proc(tmp_path, {pte(0, 2): anon(0x30000)})
+    got = PagemapSampler("address", "address", root=root).sample(0xCC, PID, BASE + 2 * PMD + 123)
+    assert got is not None and (got["address"], got["pfn"]) == (BASE + 2 * PMD, None)
+    assert got["present"] == "01" + "00" * 63 and got["none"] == 511
