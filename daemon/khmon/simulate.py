@@ -390,8 +390,8 @@ def simulate(algo: str, present: int, settings: Settings, swap: int = 0, shared:
 def replay(pmds: Iterable[Mapping[str, Any]], algo: str, settings: Settings) -> dict[str, Any]:
     """Run every captured bitmap of a report's pmds[] through the model; say where it differs.
 
-    The unit is one pass per (PMD, bitmap): each distinct pass the correlator kept (its bitmap
-    and the kernel's attempts, in call order), and for a PMD with a bitmap but no attempts
+    The unit is one pass per (PMD, bitmap): the first pass the correlator kept on each bitmap
+    (with the kernel's attempts, in call order), and for a PMD with a bitmap but no attempts
     (the scan refused it) that bitmap once, with no attempts. `settings.uffd` is taken per
     PMD from the record. A pass matches when the kernel's (offset, order) sequence equals the
     prediction's; with the kernel's own settings every pass should match, and with others the
@@ -407,7 +407,13 @@ def replay(pmds: Iterable[Mapping[str, Any]], algo: str, settings: Settings) -> 
     mismatches: list[dict[str, Any]] = []
     no_bitmap = 0
     for pmd in pmds:
-        passes = [(p["bitmap"], p["attempts"]) for p in pmd.get("passes") or () if p["bitmap"]]
+        # The first pass made on each bitmap: later ones on the same bitmap find the ranges it
+        # collapsed already large folios (pte_mapped_hugepage), which the model does not see.
+        firsts: dict[str, list] = {}
+        for p in pmd.get("passes") or ():
+            if p["bitmap"]:
+                firsts.setdefault(p["bitmap"], p["attempts"])
+        passes = list(firsts.items())
         if not passes and pmd.get("bitmap"):
             passes = [(pmd["bitmap"], [])]
         if not passes:

@@ -367,3 +367,18 @@ def test_replay_pass_cut_short_by_the_mm_exiting() -> None:
     r = replay([{"pid": 1, "address": "0x200000", "uffd": True, "passes": [cut]}], "v19",
                Settings(frozenset(range(4, 10))))
     assert (r["matched"], r["cut_short"], r["mismatched"]) == (0, {"no_process_for_page": 1}, 0)
+
+
+def test_replay_takes_the_first_pass_on_each_bitmap() -> None:
+    # Pass 1 collapses (0,8) of the first-half PMD; pass 2, same bitmap, finds that range a
+    # large folio already (pte_mapped_hugepage): the model sees order-0 pages only, so only
+    # the first pass is replayed and the collapses tally once.
+    half = ptes((0, 256))
+    s = Settings(frozenset(range(2, 10)), max_ptes_none=0)
+    o = simulate("v19", half, s)
+    again = _pass(o, half)
+    again["attempts"] = [{**a, "status": "pte_mapped_hugepage"} for a in again["attempts"]]
+    r = replay([{"pid": 1, "address": "0x200000", "uffd": False,
+                 "passes": [_pass(o, half), again]}], "v19", s)
+    assert (r["passes"], r["matched"]) == (1, 1)
+    assert r["kernel"]["collapses_by_order"] == r["predicted"]["collapses_by_order"] == {"8": 1}
