@@ -127,9 +127,10 @@ def _fill(lay: EventLayout, mode: str, dst: str) -> list[str]:
 def _sig(lay: EventLayout, mode: str, exit_: bool = False) -> str:
     n = lay.name
     if lay.func is not None:
-        if mode == "kfunc":  # bcc attaches fentry/fexit programs by these names
-            kind = "kretfunc" if exit_ else "kfunc"
-            return f"int {kind}__vmlinux__{lay.func.func}(unsigned long long *ctx)"
+        if mode == "kfunc":
+            # bcc's own macros name the program as the installed bcc expects (kfunc__<func>
+            # in 0.26, kfunc__vmlinux__<func> later): it finds the BTF target by that name.
+            return f"{'KRETFUNC_PROBE' if exit_ else 'KFUNC_PROBE'}({lay.func.func})"
         return f"int khmon_{'ret_' if exit_ else ''}{n}(struct pt_regs *ctx)"
     if lay.raw:
         return f"int khmon_{n}(struct bpf_raw_tracepoint_args *ctx)"

@@ -70,7 +70,7 @@ class LiveProbes:
             refused = _refusals.get(self.source) if mode == "kfunc" else None
             if mode == "kfunc" and refused is None:
                 # A function the kernel refuses fentry on fails the whole compile: ask the
-                # kernel first (bcc can refuse more; that costs one compile per boot).
+                # kernel first.
                 refused = next((err for lay in layouts if lay.func is not None
                                 for err in [fentry_refusal(lay.func.func, lay.func.btf_id,
                                                            lay.func.exit)]
@@ -147,12 +147,22 @@ class LiveProbes:
                              "run khmon doctor")
         self.detached = False
 
+    def _kfunc_name(self, func: str, exit_: bool = False) -> bytes:
+        """The name bcc gave the fentry (fexit) program of `func`: its KFUNC_PROBE macro makes
+        kfunc__<func> or, in later versions, kfunc__vmlinux__<func>. bcc loads kfunc programs
+        when it compiles, so they are in bpf.funcs."""
+        kind = b"kretfunc__" if exit_ else b"kfunc__"
+        names = [n for n in self.bpf.funcs
+                 if n.startswith(kind) and (n == kind + func.encode()
+                                            or n.endswith(b"__" + func.encode()))]
+        return names[0] if names else kind + func.encode()
+
     def _attach_func(self, lay: EventLayout) -> None:
         f = lay.func
         if self.func_mode == "kfunc":
-            self.bpf.attach_kfunc(fn_name=f"kfunc__vmlinux__{f.func}".encode())
+            self.bpf.attach_kfunc(fn_name=self._kfunc_name(f.func))
             if f.exit:
-                self.bpf.attach_kretfunc(fn_name=f"kretfunc__vmlinux__{f.func}".encode())
+                self.bpf.attach_kretfunc(fn_name=self._kfunc_name(f.func, exit_=True))
         else:
             self.bpf.attach_kprobe(event=f.func.encode(), fn_name=f"khmon_{lay.name}".encode())
             if f.exit:
@@ -163,9 +173,9 @@ class LiveProbes:
         f = lay.func
         with contextlib.suppress(Exception):
             if self.func_mode == "kfunc":
-                self.bpf.detach_kfunc(fn_name=f"kfunc__vmlinux__{f.func}".encode())
+                self.bpf.detach_kfunc(fn_name=self._kfunc_name(f.func))
                 if f.exit:
-                    self.bpf.detach_kretfunc(fn_name=f"kretfunc__vmlinux__{f.func}".encode())
+                    self.bpf.detach_kretfunc(fn_name=self._kfunc_name(f.func, exit_=True))
             else:
                 self.bpf.detach_kprobe(event=f.func.encode())
                 if f.exit:
@@ -256,14 +266,14 @@ class LiveProbes:
         those events, so they are lost too, counted by the kernel rather than by khmon."""
         lay = next(lay for lay in self.layouts if lay.name == name)
         if lay.func is None:
-            progs = [f"khmon_{name}"]
+            progs = [f"khmon_{name}".encode()]
         elif self.func_mode == "kfunc":
-            progs = [f"kfunc__vmlinux__{lay.func.func}", f"kretfunc__vmlinux__{lay.func.func}"]
+            progs = [self._kfunc_name(lay.func.func), self._kfunc_name(lay.func.func, True)]
         else:
-            progs = [f"khmon_{name}", f"khmon_ret_{name}"]
+            progs = [f"khmon_{name}".encode(), f"khmon_ret_{name}".encode()]
         total = 0
         for prog in progs:
-            fn = self.bpf.funcs.get(prog.encode())
+            fn = self.bpf.funcs.get(prog)
             if fn is None:
                 continue
             try:
@@ -334,9 +344,8 @@ def fentry_refusal(func: str, btf_id: int | None, fexit: bool = False) -> str | 
     `fexit` an fexit one, through the bpf syscall: None if the kernel allowed them, else the
     kernel's reason. Tried, not guessed (a function can be in BTF and kallsyms and still be
     refused, EPERM under lockdown as on the CI host), and in milliseconds, where a bcc compile
-    costs a second here and half a minute in a TCG guest. It answers for the kernel only:
-    bcc's own kfunc load can still fail where this succeeds (ENOENT for collapse_huge_page on
-    Debian's 6.1 and 7.2, whose kernels accept this program), which _Refusals remembers."""
+    costs a second here and half a minute in a TCG guest. It answers for the kernel only; a
+    compile the kernel then refuses anyway is remembered by _Refusals."""
     if btf_id is None:
         return f"{func} is not in the kernel's BTF"
     kinds = [("fentry", _BPF_TRACE_FENTRY)] + ([("fexit", _BPF_TRACE_FEXIT)] if fexit else [])
@@ -377,12 +386,12 @@ def _errno_text(err: int, doing: str) -> str:
 
 
 class _Refusals:
-    """fentry targets the kernel refused since boot, in /run (a tmpfs): a refusal to load
-    fentry/fexit on a function is the kernel's answer for that function until it reboots
-    (6.1 and 7.2 refuse collapse_huge_page with ENOENT), so khmon skips the compile (half a
-    minute in a TCG guest) and reports the recorded error. Keyed by the boot and the text of
-    the fentry/fexit programs, which does not change with options (-p, ring buffer size
-    are #defines) or doctor's stub."""
+    """fentry/fexit programs the kernel refused since boot, in /run (a tmpfs): fentry_refusal()
+    asks the kernel about the targets before compiling, but the compiled programs can still be
+    refused (the verifier, an fexit limit), and that is the kernel's answer until it reboots,
+    so khmon skips the compile (half a minute in a TCG guest) and reports the recorded error.
+    Keyed by the boot and the text of the fentry/fexit programs, which does not change with
+    options (-p, ring buffer size are #defines) or doctor's stub."""
 
     DIR = Path("/run/khmon")
 
@@ -391,7 +400,7 @@ class _Refusals:
             boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
         except OSError:
             boot = "unknown"
-        progs = re.findall(r"^int k(?:ret)?func__vmlinux__.*?^}$", source, re.M | re.S)
+        progs = re.findall(r"^K(?:RET)?FUNC_PROBE\(.*?^}$", source, re.M | re.S)
         digest = hashlib.sha256("\n".join([boot, *progs]).encode()).hexdigest()[:24]
         return self.DIR / f"refused-{digest}"
 

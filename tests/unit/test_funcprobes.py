@@ -56,13 +56,13 @@ def test_generated_c_for_fentry_and_kprobes() -> None:
     assert col.fmt.symbol("result", 1) == "succeeded"
     owner = OwnerOffsets(1296, 1268, 1752)
     kf = generate(tps + fl, owner, ProbeConfig(), func_mode="kfunc")
-    assert "int kfunc__vmlinux__collapse_single_pmd(unsigned long long *ctx)" in kf
-    assert "int kretfunc__vmlinux__collapse_huge_page(unsigned long long *ctx)" in kf
+    assert "KFUNC_PROBE(collapse_single_pmd)\n{" in kf
+    assert "KRETFUNC_PROBE(collapse_huge_page)\n{" in kf
     assert "int ret = (int)ctx[6];" in kf  # fexit: the return value follows the 6 arguments
     assert "(void *)(ctx[1] + 16)" in kf  # mm = vma->vm_mm
     assert "bpf_probe_read_kernel(&s.b[20], 64, (void *)(ctx[4] + 4232));" in kf  # the bitmap
     # the per-PMD exit deduplicates on (thread, fields + verdict) instead of sending
-    pmd_exit = kf[kf.index("int kretfunc__vmlinux__collapse_single_pmd("):]
+    pmd_exit = kf[kf.index("KRETFUNC_PROBE(collapse_single_pmd)"):]
     pmd_exit = pmd_exit[:pmd_exit.index("\n}\n")]
     assert "int ret = (int)ctx[4];" in pmd_exit and "dsets_fn_pmd_scan.lookup(&set)" in pmd_exit
     kp = generate(tps + fl, owner, ProbeConfig(), func_mode="kprobe")

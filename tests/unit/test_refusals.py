@@ -9,7 +9,7 @@ import pytest
 
 from khmon.probes import _Refusals
 
-PROG = ("int kfunc__vmlinux__collapse_huge_page(unsigned long long *ctx)\n{\n    u32 ev = 8;\n"
+PROG = ("KFUNC_PROBE(collapse_huge_page)\n{\n    u32 ev = 8;\n"
         "    return 0;\n}\n")
 
 
