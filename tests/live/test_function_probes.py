@@ -18,12 +18,11 @@ def _expected() -> set[str]:
 
 def test_function_tier_is_what_the_kernel_allows(live_capture: LiveCapture) -> None:
     mode = live_capture.probes.func_mode
-    if _expected() & {"kfunc", "kprobe"}:
-        # fentry where every probed function loads, else kprobes (on Debian's 6.1 fentry on
-        # collapse_huge_page is refused with ENOENT, so both probes fall back to kprobes).
-        assert mode in ("kfunc", "kprobe"), live_capture.probes.func_errors
-        if mode == "kprobe":
-            assert "kfunc" in live_capture.probes.func_errors
+    if "kfunc" in _expected():
+        # fentry/fexit where the kernel allows them (Debian's 6.1 and 7.2): the cheaper tier
+        assert mode == "kfunc", live_capture.probes.func_errors
+    elif "kprobe" in _expected():
+        assert mode == "kprobe" and "kfunc" in live_capture.probes.func_errors
     if "tracepoints_only" in _expected():
         assert mode is None
         assert set(live_capture.probes.func_errors) == {"kfunc", "kprobe"}
