@@ -411,9 +411,9 @@ class PagemapSampler:
     it (the classic mm_khugepaged_scan_pmd), or by that page's struct folio pointer (its raw
     tracepoint). A pointer becomes pfn candidates (VMEMMAP_ALIGN, `page_struct` bytes per
     struct page from BTF); the owning process's PfnIndex says which candidate it maps and
-    where. Each (mm, reference) is sampled once per capture (a rescan of an unchanged PMD names
-    the same one); a page the process no longer maps yields nothing, counted in `unresolved`:
-    a best effort, named as such by the record's bitmap_source.
+    where. Each (process, mm, reference) is sampled once per capture window (a rescan of an
+    unchanged PMD names the same one); a page the process no longer maps yields nothing,
+    counted in `unresolved`: a best effort, named as such by the record's bitmap_source.
     """
 
     MAX_SEEN = 1 << 16  # (mm, page) pairs remembered before starting over
@@ -429,7 +429,14 @@ class PagemapSampler:
         self.page_struct = page_struct
         self.root = root
         self.index = PfnIndex(root)
-        self._seen: set[tuple[int, int]] = set()
+        self._seen: set[tuple[int, int, int]] = set()
+        self.unresolved = 0
+
+    def new_window(self) -> None:
+        """Forget what was sampled: a new capture window samples every PMD again (processes
+        come and go, and a new one can have an old one's mm address and layout)."""
+        self._seen.clear()
+        self.index = PfnIndex(self.root)
         self.unresolved = 0
 
     def _pfns(self, ref: int) -> Iterable[int]:
@@ -443,11 +450,11 @@ class PagemapSampler:
 
     def sample(self, mm: int, pid: int, ref: int) -> dict | None:
         """The PMD that `ref` names in process `pid`, once per (mm, ref); None otherwise."""
-        if not pid or not ref or (mm, ref) in self._seen:
+        if not pid or not ref or (pid, mm, ref) in self._seen:
             return None
         if len(self._seen) >= self.MAX_SEEN:
             self._seen.clear()
-        self._seen.add((mm, ref))
+        self._seen.add((pid, mm, ref))
         where = ([(None, ref & PMD_MASK)] if self.kind == "address" else
                  ((pfn, self.index.pmd_of(pid, pfn)) for pfn in self._pfns(ref)))
         for pfn, addr in where:

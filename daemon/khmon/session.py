@@ -128,6 +128,8 @@ class LiveCapture:
         With `keep`, the compiled programs stay loaded for another window (reopen())."""
         start = header["start_mono_ns"]
         next_stats = time.monotonic() + STATS_INTERVAL_S
+        if self.pages is not None:
+            self.pages[1].new_window()
         try:
             while not should_stop():
                 if duration is not None and (_mono_ns() - start) / 1e9 >= duration:
