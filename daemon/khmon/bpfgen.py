@@ -280,14 +280,23 @@ def _exit_pair(lay: EventLayout, mode: str) -> list[str]:
         if rem:
             tail = ["    u64 last = 0;", f"    __builtin_memcpy(&last, &r.b[{8 * full}], {rem});"]
             words.append("last")
+        # The record is built in a per-CPU scratch slot, not on the stack: with PTE-walk
+        # bitmaps it is over 300 bytes, and with the hash and the helpers' frames it would
+        # not fit the 512-byte BPF stack (LLVM then exits the loading process).
         exit_body = [
-            f"    struct rec_{n} r = {{}};",
+            "    u32 zero = 0;",
+            f"    struct rec_{n} *rp = scratch_{n}.lookup(&zero);",
+            "    if (!rp)",
+            "        return 0;",
+            "#define r (*rp)",
+            "    __builtin_memset(&r.h, 0, sizeof(r.h));",
             "    __builtin_memcpy(r.b, s->b, sizeof(r.b));",
             f"    fstash_{n}.delete(&tid);",
             f"    int ret = (int){ret};",
             f"    __builtin_memcpy(&r.b[{res}], &ret, 4);",
             *tail,
             *_dedup_tail(lay, words, record_ready=True),
+            "#undef r",
         ]
     else:
         dur = next(f for f in lay.fields if f.name == "duration_ns").offset - COMMON_SIZE
@@ -303,7 +312,8 @@ def _exit_pair(lay: EventLayout, mode: str) -> list[str]:
             *_EMIT,
         ]
     return [
-        *(_dedup_sets(lay) if lay.hot else []),
+        *([*_dedup_sets(lay), f"BPF_PERCPU_ARRAY(scratch_{n}, struct rec_{n}, 1);"]
+          if lay.hot else []),
         f"struct fstash_{n} {{\n    u64 ts;\n    u8 b[{lay.body_size}];\n}};",
         f"BPF_HASH(fstash_{n}, u32, struct fstash_{n}, 4096);",
         _sig(lay, mode),

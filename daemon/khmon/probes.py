@@ -325,11 +325,6 @@ def _kfunc_obstacle(layouts: list[EventLayout]) -> str | None:
     """Why the fentry/fexit variant cannot work here, found without compiling it: a function
     the kernel refuses fentry on fails the whole object, so the kernel is asked first."""
     funcs = [lay.func for lay in layouts if lay.func is not None]
-    if any(f.ptwalk for f in funcs):
-        # Measured (6.1, bcc 0.26): with the PTE-walk fields the per-PMD exit's record no
-        # longer fits the 512-byte BPF stack as an fexit program, and LLVM exits the process.
-        return ("not tried: the per-PMD exit with PTE-walk bitmaps exceeds the 512-byte BPF "
-                "stack as an fexit program; kprobes carry it")
     return next((err for f in funcs
                  if (err := fentry_refusal(f.func, f.btf_id, f.exit)) is not None), None)
 

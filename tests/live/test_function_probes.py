@@ -18,13 +18,11 @@ def _expected() -> set[str]:
 
 def test_function_tier_is_what_the_kernel_allows(live_capture: LiveCapture) -> None:
     mode = live_capture.probes.func_mode
-    if "kfunc" in _expected() and "ptwalk" not in _expected():
-        # fentry/fexit where the kernel allows them (7.2): the cheaper tier
+    if "kfunc" in _expected():
+        # fentry/fexit where the kernel allows them (Debian's 6.1 and 7.2): the cheaper tier
         assert mode == "kfunc", live_capture.probes.func_errors
-    elif _expected() & {"kfunc", "kprobe"}:
-        # 6.1 allows fentry too, but its PTE-walk record does not fit an fexit program's stack
-        assert mode == "kprobe", live_capture.probes.func_errors
-        assert "kfunc" in live_capture.probes.func_errors
+    elif "kprobe" in _expected():
+        assert mode == "kprobe" and "kfunc" in live_capture.probes.func_errors
     if "tracepoints_only" in _expected():
         assert mode is None
         assert set(live_capture.probes.func_errors) == {"kfunc", "kprobe"}
