@@ -406,19 +406,18 @@ class PagemapSampler:
     """The `pagemap` bitmap source: for each PMD a scan event names, read its PTEs from user
     space right after the event.
 
-    Events name the PMD in one of three ways (`kind`): by its address (the per-PMD function
-    probe, on kernels whose bitmap comes only with collapse attempts), by the pfn of a page in
-    it (the classic mm_khugepaged_scan_pmd), or by that page's struct folio pointer (its raw
-    tracepoint). A pointer becomes pfn candidates (VMEMMAP_ALIGN, `page_struct` bytes per
-    struct page from BTF); the owning process's PfnIndex says which candidate it maps and
-    where. Each (process, mm, reference) is sampled once per capture window (a rescan of an
-    unchanged PMD names the same one); a page the process no longer maps yields nothing,
-    counted in `unresolved`: a best effort, named as such by the record's bitmap_source.
+    A tracepoint-only kernel names the PMD only by a page in it (`kind`): its pfn (the
+    classic mm_khugepaged_scan_pmd) or its struct folio pointer (the raw tracepoint). A
+    pointer becomes pfn candidates (VMEMMAP_ALIGN, `page_struct` bytes per struct page from
+    BTF); the owning process's PfnIndex says which candidate it maps and where. Each
+    (process, mm, page) is sampled once per capture window (a rescan of an unchanged PMD
+    names the same page); a page the process no longer maps yields nothing, counted in
+    `unresolved`: a best effort, named as such by the record's bitmap_source.
     """
 
-    MAX_SEEN = 1 << 16  # (mm, page) pairs remembered before starting over
+    MAX_SEEN = 1 << 16  # (process, mm, page) remembered before starting over
 
-    KINDS = ("address", "pfn", "pointer")
+    KINDS = ("pfn", "pointer")
 
     def __init__(self, ref_field: str, kind: str, page_struct: int | None = None,
                  root: Path = PROC) -> None:
@@ -449,15 +448,14 @@ class PagemapSampler:
         return (low + k * step for k in range(MAX_VMEMMAP_WRAPS))
 
     def sample(self, mm: int, pid: int, ref: int) -> dict | None:
-        """The PMD that `ref` names in process `pid`, once per (mm, ref); None otherwise."""
+        """The PMD around page `ref` of process `pid`, once per window; None otherwise."""
         if not pid or not ref or (pid, mm, ref) in self._seen:
             return None
         if len(self._seen) >= self.MAX_SEEN:
             self._seen.clear()
         self._seen.add((pid, mm, ref))
-        where = ([(None, ref & PMD_MASK)] if self.kind == "address" else
-                 ((pfn, self.index.pmd_of(pid, pfn)) for pfn in self._pfns(ref)))
-        for pfn, addr in where:
+        for pfn in self._pfns(ref):
+            addr = self.index.pmd_of(pid, pfn)
             if addr is None:
                 continue
             pages = read_pmd(pid, addr, self.root)

@@ -203,18 +203,12 @@ def capture(cfg: ProbeConfig, duration: float | None, out: Path | None,
 
 
 def _pagemap_source(layouts: list[EventLayout], btf: Btf) -> tuple[EventLayout, PagemapSampler] | None:
-    """Where no BPF source gives every scanned PMD a bitmap, the scan event that names the
-    PMD, and how it names it. With the per-PMD function probe: by address, unless its PTE walk
-    (ptwalk) gives the bitmap already; on the mTHP series the kernel's bitmap comes only with
-    a collapse attempt, so PMDs the scan refused are read from pagemap. Without function
-    probes: mm_khugepaged_scan_pmd's pfn (classic tracepoint) or struct folio/page pointer
-    (raw tracepoint)."""
+    """Without function probes, PMDs are known only by the page mm_khugepaged_scan_pmd names:
+    its pfn (classic tracepoint) or its struct folio/page pointer (raw tracepoint). With
+    them, the function probes' own sources apply (kernel, ptwalk)."""
     by_name = {x.name: x for x in layouts}
-    fn = by_name.get(funcprobes.PMD_SCAN)
-    if fn is not None:
-        return None if fn.func.ptwalk else (fn, PagemapSampler("address", "address"))
     lay = by_name.get(SCAN_PMD)
-    if lay is None:
+    if lay is None or funcprobes.PMD_SCAN in by_name or funcprobes.COLLAPSE in by_name:
         return None
     for f in lay.fields:
         if f.name == "pfn":

@@ -313,10 +313,3 @@ def test_sampler_with_a_pfn_field(tmp_path: Path) -> None:
     assert got is not None and got["address"] == BASE
     assert got["present"] == "ff" * 32 + "00" * 32
 
-
-def test_sampler_by_address(tmp_path: Path) -> None:
-    # the per-PMD function probe names the PMD itself (any address inside it)
-    root = make_proc(tmp_path, {pte(0, 2): anon(0x30000)})
-    got = PagemapSampler("address", "address", root=root).sample(0xCC, PID, BASE + 2 * PMD + 123)
-    assert got is not None and (got["address"], got["pfn"]) == (BASE + 2 * PMD, None)
-    assert got["present"] == "01" + "00" * 63 and got["none"] == 511
