@@ -117,7 +117,9 @@ def test_refused_pmds_have_bitmaps_too(live_capture: LiveCapture, run_workloads)
             assert rec["bitmap_source"] == source, rec
             if source is not None:
                 assert rec["bitmap"] == _hex(pattern_bits(pattern, seed)), (pattern, rec)
-            # the kernel's scans of it, and its verdict: refused for the empty PTEs
-            assert rec["scans"] >= 1 and rec["verdict"] == "exceed_none_pte", rec
+            # scanned and refused (the scan may stop before the empty PTEs: 6.1 once said
+            # page_not_in_lru for pages still in a per-CPU LRU batch), never collapsed
+            assert rec["scans"] >= 1 and rec["verdict"] not in (None, "succeeded"), rec
             assert rec["attempts"] == []
+        assert w["collapsed_pmds"] == 0
     assert report["wasted"]["available"] is True
