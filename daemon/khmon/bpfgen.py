@@ -16,8 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .geometry import PAGE_SHIFT, PMD_ORDER
-from .layout import COMMON_SIZE, DEDUP_FLUSH, DEDUP_INSTALL, STR_LEN, EventLayout
+from .layout import (
+    COMMON_SIZE,
+    DEDUP_FLUSH,
+    DEDUP_INSTALL,
+    STR_LEN,
+    EventLayout,
+    is_page_pointer,
+)
 from .ptwalk import c_code as ptwalk_c
+from .tpformat import Field
 
 BPF_SOURCE_CANDIDATES = (
     Path(__file__).resolve().parents[2] / "bpf" / "khmon.bpf.c",  # a checkout
@@ -203,16 +211,15 @@ def _set_index(lay: EventLayout, buf: str) -> str:
     consecutive PMDs touch consecutive cache lines of the table, which the CPU prefetches,
     instead of a random line each (a cache and TLB miss per event at full scan speed). Other
     events use the hash. Either way the slot is found by the full 64-bit fingerprint."""
-    for f in lay.fields:
-        at = f"*(u64 *)&{buf}[{f.offset - COMMON_SIZE}]"
-        if f.size != 8:
-            continue
-        if f.name == "address":
-            return f"({at} >> {PAGE_SHIFT + PMD_ORDER})"
-        if f.name == "pfn":
-            return at
-        if f.ctype.replace(" ", "") in ("structfolio*", "structpage*"):
-            return f"({at} >> {PAGE_PTR_SHIFT})"
+    def at(f: Field) -> str:
+        return f"*(u64 *)&{buf}[{f.offset - COMMON_SIZE}]"
+
+    address = next((f for f in lay.fields if f.name == "address" and f.size == 8), None)
+    if address is not None:
+        return f"({at(address)} >> {PAGE_SHIFT + PMD_ORDER})"
+    page = lay.page_field
+    if page is not None:
+        return f"({at(page)} >> {PAGE_PTR_SHIFT})" if is_page_pointer(page) else at(page)
     return "h"
 
 

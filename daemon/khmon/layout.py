@@ -70,6 +70,11 @@ def _code(f: Field) -> str:
     return code if f.signed else code.upper()
 
 
+def is_page_pointer(f: Field) -> bool:
+    """A `struct folio *` or `struct page *` field: a pointer into vmemmap, not a pfn."""
+    return f.ctype.replace(" ", "") in ("structfolio*", "structpage*")
+
+
 @dataclass(frozen=True)
 class EventLayout:
     """How one event's records are laid out, and how to turn them into typed tuples."""
@@ -119,6 +124,13 @@ class EventLayout:
         """The `struct mm_struct *` field that names the owning process, when the event has one."""
         return next((f for f in self.fields if f.ctype.replace(" ", "") == "structmm_struct*"),
                     None)
+
+    @cached_property
+    def page_field(self) -> Field | None:
+        """The field naming the page an event is about (mm_khugepaged_scan_pmd's scanned page):
+        its pfn, or a struct folio/page pointer (is_page_pointer tells which)."""
+        return next((f for f in self.fields
+                     if f.size == 8 and (f.name == "pfn" or is_page_pointer(f))), None)
 
     @cached_property
     def field_names(self) -> tuple[str, ...]:

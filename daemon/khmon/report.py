@@ -15,12 +15,11 @@ from typing import Any, NamedTuple
 
 from . import funcprobes
 from .layout import EventLayout, layouts_from_header
-from .pmd import PmdCorrelator
+from .pmd import SCAN_PMD, PmdCorrelator
 from .recording import Part
 from .sysfs import counter_delta
 from .waste import wasted
 
-SCAN_PMD = "mm_khugepaged_scan_pmd"
 SCAN_FILE = "mm_khugepaged_scan_file"
 COLLAPSE = "mm_collapse_huge_page"
 COLLAPSE_FILE = "mm_khugepaged_collapse_file"

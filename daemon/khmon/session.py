@@ -20,7 +20,7 @@ from . import funcprobes, ptwalk
 from .bpfgen import OwnerOffsets, ProbeConfig
 from .btf import Btf
 from .errors import EXIT_BAD_INPUT, KhmonError
-from .layout import EventLayout, build_layouts, header_events
+from .layout import EventLayout, build_layouts, header_events, is_page_pointer
 from .pagemap import PagemapSampler
 from .probes import LiveProbes
 from .recording import Part, Writer
@@ -210,9 +210,8 @@ def _pagemap_source(layouts: list[EventLayout], btf: Btf) -> tuple[EventLayout, 
     lay = by_name.get(SCAN_PMD)
     if lay is None or funcprobes.PMD_SCAN in by_name or funcprobes.COLLAPSE in by_name:
         return None
-    for f in lay.fields:
-        if f.name == "pfn":
-            return lay, PagemapSampler("pfn", "pfn")
-        if f.ctype.replace(" ", "") in ("structfolio*", "structpage*"):
-            return lay, PagemapSampler(f.name, "pointer", btf.struct_size("page"))
-    return None
+    page = lay.page_field
+    if page is None:
+        return None
+    return lay, PagemapSampler(page.name, "pointer" if is_page_pointer(page) else "pfn",
+                               btf.struct_size("page"))

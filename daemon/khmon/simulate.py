@@ -112,7 +112,7 @@ class Outcome:
     stopped: str | None = None
 
 
-def _weight(bits: int, offset: int, nr: int) -> int:
+def weight(bits: int, offset: int, nr: int) -> int:
     """bitmap_weight_from(bits, offset, offset + nr): set bits in [offset, offset + nr)."""
     return (bits >> offset & ((1 << nr) - 1)).bit_count()
 
@@ -196,7 +196,7 @@ def _collapse_huge_page(algo: str, present: int, swap: int, shared: int, setting
        limit gives SCAN_EXCEED_NONE_PTE, the first shared page over it SCAN_EXCEED_SHARED_PTE.
     """
     nr = 1 << order
-    if unmapped and order != PMD_ORDER and _weight(swap, offset, nr):
+    if unmapped and order != PMD_ORDER and weight(swap, offset, nr):
         return "exceed_swap_pte"
     max_none = collapse_max_ptes_none(algo, settings, order, settings.uffd)
     if max_none is None:  # v17's isolate: "if (max_ptes_none < 0) return SCAN_INVALID_PTES_NONE"
@@ -233,7 +233,7 @@ class _Run:
         if reason is None:
             nr = 1 << order
             self.out.collapses.append((offset, order))
-            self.out.bloat_ptes += nr - _weight(self.present | self.swap, offset, nr)
+            self.out.bloat_ptes += nr - weight(self.present | self.swap, offset, nr)
         return reason
 
 
@@ -274,7 +274,7 @@ def _v17(run: _Run) -> None:
             if max_none is None:
                 run.out.stopped = "invalid_ptes_none"
                 return
-            if _weight(run.present, offset, nr) >= nr - max_none and run.attempt(offset, order) is None:
+            if weight(run.present, offset, nr) >= nr - max_none and run.attempt(offset, order) is None:
                 continue
         if order > KHUGEPAGED_MIN_MTHP_ORDER:
             stack.append((offset + nr // 2, order - 1))
@@ -332,7 +332,7 @@ def _v19(run: _Run) -> None:
         nr = 1 << order
         if order in s.orders:
             max_none = collapse_max_ptes_none("v19", s, order, uffd_vma=False)
-            occupied = _weight(run.present, offset, nr)
+            occupied = weight(run.present, offset, nr)
             if order == PMD_ORDER:
                 occupied += run.unmapped
             assert max_none is not None  # v19 never returns -EINVAL
@@ -487,7 +487,7 @@ class _Tally:
             if ok:
                 nr = 1 << a["order"]
                 out.collapses.append((a["offset"], a["order"]))
-                out.bloat_ptes += nr - _weight(present, a["offset"], nr)
+                out.bloat_ptes += nr - weight(present, a["offset"], nr)
         self.add(out)
 
     def as_dict(self) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .geometry import PAGE
+from .simulate import bitmap_from_hex, weight
 
 REASONS = ("uffd_isolate", "alloc_then_fail", "futile_rescan", "order_cascade", "bloat", "creep")
 SUCCEEDED = "succeeded"
@@ -100,8 +101,7 @@ def _empty_ptes(bitmap: str | None, offset: int, order: int) -> int | None:
     """None/zero/swap PTEs in [offset, offset + 2^order) of a pass's bitmap (None: unknown)."""
     if bitmap is None:
         return None
-    bits = int.from_bytes(bytes.fromhex(bitmap), "little") >> offset & ((1 << (1 << order)) - 1)
-    return (1 << order) - bits.bit_count()
+    return (1 << order) - weight(bitmap_from_hex(bitmap), offset, 1 << order)
 
 
 def _wasted_folio(a: dict[str, Any]) -> bool:
