@@ -236,8 +236,9 @@ def _orders(value: str | None) -> frozenset[int] | None:
 
 @app.command()
 def simulate(
-    recording: Annotated[Path, typer.Argument(help="A recording from `khmon record` made where "
-                                              "function probes ran (bitmaps per PMD).")],
+    recording: Annotated[Path, typer.Argument(help="A recording from `khmon record` with PMD "
+                                              "bitmaps (any source). Where function probes "
+                                              "ran, the kernel's attempts are compared too.")],
     algo: Annotated[str, typer.Option("--algo", help="v19: the linear walk of Linux 7.2; "
                                       "v17: the stack-based recursion of the v17 posting.")]
     = "v19",
@@ -276,13 +277,14 @@ def simulate(
             typer.echo(f"khmon: warning: {w}", err=True)
         if not agg.pmds.active:
             raise KhmonError(f"{recording} has no per-PMD records (it was made without "
-                             "function probes)", "record on a kernel where `khmon doctor` "
-                             "shows kfunc or kprobe", EXIT_BAD_INPUT)
+                             "function probes or pagemap samples)", "record on a kernel where "
+                             "`khmon doctor` shows a bitmap source", EXIT_BAD_INPUT)
         own = sim.settings_from_sysfs(reader.header.get("settings", {}))
         given = {k: v for k, v in (("orders", chosen), ("max_ptes_none", max_ptes_none),
                                    ("max_ptes_swap", max_ptes_swap),
                                    ("max_ptes_shared", max_ptes_shared)) if v is not None}
-        result = sim.replay(agg.pmds.records(), algo, replace(own, **given))
+        result = sim.replay(agg.pmds.records(), algo, replace(own, **given),
+                            attempts_seen=agg.pmds.collapse is not None)
         result["what_if"] = sorted(given)
         typer.echo(json.dumps(result, indent=2) if as_json else render_simulation(result))
 

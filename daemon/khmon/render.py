@@ -176,10 +176,24 @@ def render_simulation(r: dict[str, Any]) -> str:
              f"{st['max_ptes_shared']}"]
     if r["pmds_without_bitmap"]:
         lines.append(f"  {r['pmds_without_bitmap']} PMDs had no bitmap and were not replayed")
-    k, p = r["kernel"], r["predicted"]
+    if r["passes_without_bitmap"]:
+        lines.append(f"  {r['passes_without_bitmap']} PMDs had attempts but no bitmap for any "
+                     "of their passes and were not replayed")
+    p = r["predicted"]
+    if not r["attempts_seen"]:
+        lines.append("  the recording saw no attempts (no function probes): predictions only")
+    k = r["kernel"] or {"attempts": 0, "attempts_by_order": {}, "collapses_by_order": {},
+                        "bloat_bytes": 0}
     order_keys = sorted({*k["attempts_by_order"], *p["attempts_by_order"],
                          *k["collapses_by_order"], *p["collapses_by_order"]}, key=int,
                         reverse=True)
+    if not r["attempts_seen"]:
+        lines += ["", *_table(["order", "predicted attempts", "predicted collapses"],
+                              [[o, p["attempts_by_order"].get(o, 0),
+                                p["collapses_by_order"].get(o, 0)] for o in order_keys])]
+        lines += ["", f"attempts: predicted {p['attempts']}; bloat: predicted "
+                  f"{_bytes(p['bloat_bytes'])}"]
+        return "\n".join(lines)
     lines += ["", *_table(["order", "kernel attempts", "predicted", "kernel collapses",
                            "predicted"],
                           [[o, k["attempts_by_order"].get(o, 0), p["attempts_by_order"].get(o, 0),
@@ -193,7 +207,9 @@ def render_simulation(r: dict[str, Any]) -> str:
                  if r["cut_short"] else "")]
     for m in r["mismatches"][:5]:
         lines.append(f"  differs: pid {m['pid'] or '-'} PMD {m['address']}: kernel "
-                     f"{_seq(m['kernel'])}, predicted {_seq(m['predicted'])}"
+                     f"{_seq(m['kernel']) if m['kernel'] else 'no attempt'}"
+                     + (f" (scan: {', '.join(m['verdicts'])})" if m.get("verdicts") else "")
+                     + f", predicted {_seq(m['predicted'])}"
                      + (f" (scan refuses: {m['predicted_scan_failure']})"
                         if m["predicted_scan_failure"] else ""))
     if r["mismatched"] > 5:

@@ -387,25 +387,29 @@ def simulate(algo: str, present: int, settings: Settings, swap: int = 0, shared:
 
 
 
-def replay(pmds: Iterable[Mapping[str, Any]], algo: str, settings: Settings) -> dict[str, Any]:
+def replay(pmds: Iterable[Mapping[str, Any]], algo: str, settings: Settings,
+           attempts_seen: bool = True) -> dict[str, Any]:
     """Run every captured bitmap of a report's pmds[] through the model; say where it differs.
 
     The unit is one pass per (PMD, bitmap): the first pass the correlator kept on each bitmap
-    (with the kernel's attempts, in call order), and for a PMD with a bitmap but no attempts
-    (the scan refused it) that bitmap once, with no attempts. `settings.uffd` is taken per
-    PMD from the record. A pass matches when the kernel's (offset, order) sequence equals the
-    prediction's; with the kernel's own settings every pass should match, and with others the
-    differences are the what-if answer. A kernel pass that ended on a result the model assumes
-    away (OUTSIDE_THE_MODEL) and agrees with the prediction up to there is `cut_short`, by
-    that result. PMDs without a bitmap (no source, or on 7.2 no attempt that carried one)
-    cannot be replayed and are counted as such.
+    (with the kernel's attempts, in call order), and for a PMD the scan refused (a bitmap, no
+    attempts) that bitmap once, with no attempts. `settings.uffd` is taken per PMD from the
+    record. A pass matches when the kernel's (offset, order) sequence equals the prediction's;
+    with the kernel's own settings every pass should match, and with others the differences
+    are the what-if answer. A kernel pass that ended on a result the model assumes away
+    (OUTSIDE_THE_MODEL), or a scan refused for such a reason (a page off the LRU, locked or
+    pinned), and agrees with the prediction up to there is `cut_short`, by that result.
+    Not replayed, and counted: PMDs without a bitmap, and PMDs with attempts none of whose
+    passes has a bitmap (`passes_without_bitmap`: comparing those to "no attempts" would be
+    false). `attempts_seen` False (a recording without function probes: bitmaps from pagemap,
+    attempts invisible) gives the predictions alone; nothing is compared.
     """
     kernel = _Tally()
     predicted = _Tally()
     matched = 0
     cut: dict[str, int] = {}  # passes the kernel ended early, by the status that ended them
     mismatches: list[dict[str, Any]] = []
-    no_bitmap = 0
+    no_bitmap = no_pass_bitmap = 0
     for pmd in pmds:
         # The first pass made on each bitmap: later ones on the same bitmap find the ranges it
         # collapsed already large folios (pte_mapped_hugepage), which the model does not see.
@@ -415,6 +419,9 @@ def replay(pmds: Iterable[Mapping[str, Any]], algo: str, settings: Settings) -> 
                 firsts.setdefault(p["bitmap"], p["attempts"])
         passes = list(firsts.items())
         if not passes and pmd.get("bitmap"):
+            if pmd.get("attempts") and attempts_seen:
+                no_pass_bitmap += 1
+                continue
             passes = [(pmd["bitmap"], [])]
         if not passes:
             no_bitmap += 1
@@ -423,31 +430,50 @@ def replay(pmds: Iterable[Mapping[str, Any]], algo: str, settings: Settings) -> 
         for bitmap, attempts in passes:
             present = bitmap_from_hex(bitmap)
             out = simulate(algo, present, s)
-            kernel.add_kernel(attempts, present)
             predicted.add(out)
+            if not attempts_seen:
+                continue
+            kernel.add_kernel(attempts, present)
             seq_k = [[a["offset"], a["order"]] for a in attempts]
             seq_p = [[a.offset, a.order] for a in out.attempts]
+            ended = _ended_outside_the_model(attempts, pmd.get("verdicts") or {})
             if seq_k == seq_p:
                 matched += 1
-            elif (seq_k and seq_k == seq_p[:len(seq_k)]
-                  and attempts[-1]["status"] in OUTSIDE_THE_MODEL):
-                cut[attempts[-1]["status"]] = cut.get(attempts[-1]["status"], 0) + 1
+            elif ended is not None and seq_k == seq_p[:len(seq_k)]:
+                cut[ended] = cut.get(ended, 0) + 1
             elif len(mismatches) < MAX_MISMATCHES:
                 mismatches.append({
                     "pid": pmd.get("pid"), "address": pmd.get("address"), "bitmap": bitmap,
+                    "verdicts": pmd.get("verdicts"),
                     "kernel": [[a["offset"], a["order"], a["status"]] for a in attempts],
                     "predicted": [[a.offset, a.order, "succeeded" if a.succeeded else a.reason]
                                   for a in out.attempts],
                     "predicted_scan_failure": out.scan_failure})
-    total = kernel.passes
+    total = predicted.passes
+    compared = {"kernel": kernel.as_dict(), "matched": matched, "cut_short": cut,
+                "mismatched": total - matched - sum(cut.values()), "mismatches": mismatches,
+                } if attempts_seen else {"kernel": None, "matched": None, "cut_short": {},
+                                         "mismatched": None, "mismatches": []}
     return {"algo": algo, "settings": {"orders": sorted(settings.orders),
                                        "max_ptes_none": settings.max_ptes_none,
                                        "max_ptes_swap": settings.max_ptes_swap,
                                        "max_ptes_shared": settings.max_ptes_shared},
             "passes": total, "pmds_without_bitmap": no_bitmap,
-            "kernel": kernel.as_dict(), "predicted": predicted.as_dict(),
-            "matched": matched, "cut_short": cut,
-            "mismatched": total - matched - sum(cut.values()), "mismatches": mismatches}
+            "passes_without_bitmap": no_pass_bitmap, "attempts_seen": attempts_seen,
+            "predicted": predicted.as_dict(), **compared}
+
+
+def _ended_outside_the_model(attempts: list[Mapping[str, Any]],
+                             verdicts: Mapping[str, int]) -> str | None:
+    """The result that ended a kernel pass early for a reason the model assumes away: its
+    last attempt's (OUTSIDE_THE_MODEL), or, for a PMD the scan refused outright, the scan's
+    verdict when no scan of it succeeded and none failed for a reason the model predicts."""
+    if attempts:
+        last = attempts[-1]["status"]
+        return last if last in OUTSIDE_THE_MODEL else None
+    if not verdicts or any(v == "succeeded" or v in MODELLED_SCAN_FAILURES for v in verdicts):
+        return None
+    return max(verdicts, key=lambda v: verdicts[v])
 
 
 MAX_MISMATCHES = 20  # listed in full; the rest are counted
@@ -459,6 +485,10 @@ MAX_MISMATCHES = 20  # listed in full; the rest are counted
 OUTSIDE_THE_MODEL = frozenset({"no_process_for_page", "vma_null", "vma_check_failed",
                                "not_suitable_address_range", "pmd_null", "pmd_none",
                                "no_pte_table", "page_pmd_mapped"})
+# The scan failures the model predicts (_scan_pmd). Any other refusal of a scan (a page off
+# the LRU, locked, or with extra references; the PMD gone) is outside the model.
+MODELLED_SCAN_FAILURES = frozenset({"exceed_none_pte", "exceed_swap_pte", "exceed_shared_pte",
+                                    "vma_check_failed"})
 
 
 @dataclass

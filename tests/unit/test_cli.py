@@ -272,6 +272,39 @@ def test_simulate_own_settings_and_what_if(tmp_path: Path) -> None:
     assert "differs: pid 321 PMD 0x7f0000200000: kernel (0,9), predicted (0,8)" in p.stdout
 
 
+def test_simulate_a_pagemap_recording_predicts_only(tmp_path: Path) -> None:
+    # A 6.18 host recording: a scan event refused (exceed_none_pte) and the pagemap sample
+    # of its PMD, the first half present. No function probes, so no attempts to compare:
+    # `simulate` answers what v19 would do with mTHP orders on that real bitmap.
+    from khdata import layouts
+
+    from khmon.layout import header_events
+
+    lays = layouts("6.18")
+    sp = by_name(lays)["mm_khugepaged_scan_pmd"]
+    status = {v: k for k, v in sp.fmt.symbols["status"].items()}
+    header = {**capture_header("6.18", "6.18.44-amd64"), "events": header_events(lays),
+              "pagemap_ref": "pfn"}
+    path = tmp_path / "host.khrec"
+    w = Writer(path, header)
+    w.add(Part("R", event=sp.index, data=pack(sp.fmt, sp.index, ts=5000, mm=0x1000, pfn=0x1234,
+                                              status=status["exceed_none_pte"])))
+    w.add(Part("P", meta={"mm": 0x1000, "pid": 321, "comm": "wl", "ref": 0x1234, "pfn": 0x1234,
+                          "address": 0x7F00_0020_0000, "present": "ff" * 32 + "00" * 32,
+                          "zero": "00" * 64, "swap": "00" * 64, "none": 256, "shared": 0}))
+    w.add(Part("E", meta=stats_meta({}, {}, secs=1)))
+    w.close()
+    p = khmon("simulate", path, "--orders", "4,8,9", "--max-ptes-none", "0", "--json")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert (r["attempts_seen"], r["passes"], r["kernel"], r["mismatched"]) == (
+        False, 1, None, None)
+    assert r["predicted"]["collapses_by_order"] == {"8": 1}
+    p = khmon("simulate", path, "--orders", "4,8,9", "--max-ptes-none", "0")
+    assert p.returncode == 0, p.stderr
+    assert "predictions only" in p.stdout
+
+
 @pytest.mark.parametrize("args, message", [
     (["--orders", "1,9"], "--orders '1,9' is not a list of collapse orders"),
     (["--algo", "v18"], "--algo 'v18' is not a known algorithm"),

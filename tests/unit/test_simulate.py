@@ -382,3 +382,49 @@ def test_replay_takes_the_first_pass_on_each_bitmap() -> None:
                  "passes": [_pass(o, half), again]}], "v19", s)
     assert (r["passes"], r["matched"]) == (1, 1)
     assert r["kernel"]["collapses_by_order"] == r["predicted"]["collapses_by_order"] == {"8": 1}
+
+
+def test_replay_scan_refusals_the_model_assumes_away_are_cut_short() -> None:
+    # A full PMD, max_ptes_none 0, PMD order: the model predicts (0,9). A kernel that refused
+    # every scan because the pages were still in a per-CPU LRU batch made no attempt; that is
+    # cut short by page_not_in_lru. Refused for a reason the model predicts, it is a mismatch.
+    s = Settings(frozenset({9}), max_ptes_none=0)
+    full = ALL.to_bytes(64, "little").hex()
+
+    def pmd(verdicts: dict[str, int]) -> dict:
+        return {"pid": 1, "address": "0x200000", "uffd": False, "passes": [], "attempts": [],
+                "bitmap": full, "verdicts": verdicts}
+
+    r = replay([pmd({"page_not_in_lru": 3})], "v19", s)
+    assert (r["matched"], r["cut_short"], r["mismatched"]) == (0, {"page_not_in_lru": 1}, 0)
+    r = replay([pmd({"exceed_none_pte": 1})], "v19", s)
+    assert (r["matched"], r["mismatched"]) == (0, 1)
+    assert r["mismatches"][0]["verdicts"] == {"exceed_none_pte": 1}
+    # a scan that succeeded and still led to no attempt is not explained away either
+    r = replay([pmd({"page_not_in_lru": 1, "succeeded": 1})], "v19", s)
+    assert r["mismatched"] == 1
+
+
+def test_replay_attempts_without_a_bitmap_are_not_called_no_attempt() -> None:
+    # The PMD has a bitmap (a later scan's) and attempts, but none of its passes had one:
+    # replaying "no attempts" against the model would invent a mismatch. Counted instead.
+    s = Settings(frozenset({9}), max_ptes_none=0)
+    pmd = {"pid": 1, "address": "0x200000", "uffd": False,
+           "bitmap": ALL.to_bytes(64, "little").hex(), "verdicts": {"succeeded": 1},
+           "attempts": [{"offset": 0, "order": 9, "status": "succeeded", "count": 1}],
+           "passes": [{"count": 1, "bitmap": None,
+                       "attempts": [{"offset": 0, "order": 9, "status": "succeeded"}]}]}
+    r = replay([pmd], "v19", s)
+    assert (r["passes"], r["passes_without_bitmap"], r["mismatched"]) == (0, 1, 0)
+
+
+def test_replay_without_attempts_seen_predicts_only() -> None:
+    # A pagemap recording (no function probes): the bitmaps are real, the attempts invisible.
+    # The model's predictions for them are the answer; nothing is compared.
+    s = Settings(frozenset(range(4, 10)), max_ptes_none=0)
+    half = ptes((0, 256)).to_bytes(64, "little").hex()
+    r = replay([{"pid": 1, "address": "0x200000", "uffd": False, "passes": [], "attempts": [],
+                 "bitmap": half, "verdicts": {"exceed_none_pte": 2}}], "v19", s,
+               attempts_seen=False)
+    assert (r["passes"], r["kernel"], r["matched"], r["mismatched"]) == (1, None, None, None)
+    assert r["predicted"]["collapses_by_order"] == {"8": 1}
