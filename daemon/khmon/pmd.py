@@ -8,7 +8,9 @@ The correlator turns the function-probe events of a stream into PMD records:
   fn_collapse  (collapse_huge_page exit) one attempt: start address, order, result, duration,
                and on the mTHP series the scan's bitmap of present PTEs (source `kernel`);
   mm_collapse_huge_page_isolate          the isolate verdict of the attempt that encloses it
-               on the same thread (this tracepoint carries no mm and no address).
+               on the same thread (this tracepoint carries no mm and no address);
+  mm_collapse_huge_page_swapin           fired inside an attempt that swapped pages in (the
+               PTEs it made present were not present when the scan ran).
 Without function probes (a tracepoint-only kernel) the capture reads each scanned PMD's PTEs
 from pagemap (khmon.pagemap.PagemapSampler, source `pagemap`): its pages parts name the PMD
 around the page a mm_khugepaged_scan_pmd event reported, and that event's scans and verdicts
@@ -27,7 +29,9 @@ the waste detectors can replay it exactly; identical passes are counted, not rep
 
 Bitmaps are 64 bytes, bit k of byte j is PTE 8j+k (the kernel's unsigned long[8] on x86-64,
 dumped as bytes). In collapse_control.mthp_present_ptes a bit is set for a PTE that maps a
-page: none, zero-page and swap PTEs leave it clear.
+page: none, zero-page and swap PTEs leave it clear. A PMD no source could read gets the
+`inferred` bitmap, what its passes' attempts pin (khmon.infer): `bitmap` holds the bits known
+set and `bitmap_known` the mask of bits known at all; the rest are unknown.
 """
 
 from __future__ import annotations
@@ -36,14 +40,16 @@ from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import funcprobes
+from . import funcprobes, infer
 from .geometry import BITMAP_BYTES, PAGE_SHIFT, PMD_MASK, PMD_ORDER
 from .layout import EventLayout
+from .simulate import settings_from_sysfs
 
 ISOLATE = "mm_collapse_huge_page_isolate"
+SWAPIN = "mm_collapse_huge_page_swapin"
 SCAN_PMD = "mm_khugepaged_scan_pmd"
 # Bitmap sources, best first: a better one is never replaced by a worse one.
-SOURCES = ("kernel", "ptwalk", "pagemap")
+SOURCES = ("kernel", "ptwalk", "pagemap", "inferred")
 
 
 @dataclass
@@ -74,8 +80,9 @@ class _Pmd:
     ptes: dict[str, int] | None = None
     # (offset, order, isolate status, result) -> counts and latency, in first-seen order
     attempts: dict[tuple[int, int, str | None, str], _Attempt] = field(default_factory=dict)
-    # (bitmap, ((offset, order, result), ...)) -> that pass's count and latencies, first-seen order
-    passes: dict[tuple[bytes | None, tuple[tuple[int, int, str], ...]], _Pass] = field(
+    # (bitmap, ((offset, order, result, swapped in), ...)) -> that pass's count and
+    # latencies, in first-seen order
+    passes: dict[tuple[bytes | None, tuple[infer.Step, ...]], _Pass] = field(
         default_factory=dict)
     passes_dropped: int = 0
 
@@ -91,7 +98,7 @@ class _OpenPass:
 
     pmd: _Pmd
     bitmap: bytes | None
-    attempts: list[tuple[int, int, str]]
+    attempts: list[infer.Step]
     latencies: list[int]
     walked: bool = False  # bitmap taken from the scan that made this pass (ptwalk)
 
@@ -116,13 +123,18 @@ class PmdCorrelator:
     """Feed it record batches (event index, bytes); records() gives the PMD records."""
 
     def __init__(self, layouts: list[EventLayout], vma_flag_bits: dict[str, int],
-                 pagemap_ref: str | None = None) -> None:
+                 pagemap_ref: str | None = None,
+                 settings: dict[str, str] | None = None) -> None:
         """`pagemap_ref`: the mm_khugepaged_scan_pmd field that names the scanned page, when
-        the capture sampled pagemap (the recording's header says which)."""
+        the capture sampled pagemap (the recording's header says which). `settings`: the
+        THP and khugepaged knobs at the start (khmon.sysfs.read_settings), which the
+        `inferred` bitmaps are worked out under."""
         by_name = {lay.name: lay for lay in layouts}
         self.scan = by_name.get(funcprobes.PMD_SCAN)
         self.collapse = by_name.get(funcprobes.COLLAPSE)
         self.isolate = by_name.get(ISOLATE)
+        self.swapin = by_name.get(SWAPIN)
+        self.settings = settings or {}
         self.tp_scan = by_name.get(SCAN_PMD) if pagemap_ref and self.scan is None else None
         self.pagemap_ref = pagemap_ref
         # tracepoint scans by (mm, page, verdict), and which PMD a (mm, page) is in
@@ -132,6 +144,8 @@ class PmdCorrelator:
         self.pmds: dict[tuple[int, int], _Pmd] = {}
         # per thread, in time order: (ts, isolate status) not yet claimed by an attempt
         self._isolates: dict[int, deque[tuple[int, str]]] = defaultdict(deque)
+        # per thread, in time order: swap-in events not yet claimed by an attempt
+        self._swapins: dict[int, deque[int]] = defaultdict(deque)
         # per thread: the pass it is making
         self._open: dict[int, _OpenPass] = {}
 
@@ -142,7 +156,8 @@ class PmdCorrelator:
 
     def add(self, event: int, data: bytes) -> None:
         for lay, handler in ((self.scan, self._scan), (self.collapse, self._collapse),
-                             (self.isolate, self._isolate), (self.tp_scan, self._tp)):
+                             (self.isolate, self._isolate), (self.swapin, self._swapin),
+                             (self.tp_scan, self._tp)):
             if lay is not None and lay.index == event:
                 for rec in lay.struct.iter_unpack(data):
                     handler(lay.record_type(*rec))
@@ -199,6 +214,9 @@ class PmdCorrelator:
     def _isolate(self, rec: Any) -> None:
         self._isolates[rec.tid].append((rec.ts, self.isolate.fmt.symbol("status", rec.status)))
 
+    def _swapin(self, rec: Any) -> None:
+        self._swapins[rec.tid].append(rec.ts)
+
     def _collapse(self, rec: Any) -> None:
         p = self._pmd(rec)
         # The isolate event of this attempt fired on this thread while it ran. A thread's
@@ -210,6 +228,10 @@ class PmdCorrelator:
             ts, status = pending.popleft()
             if ts >= start:
                 mine.append(status)
+        swapins = self._swapins[rec.tid]
+        swapped = False
+        while swapins and swapins[0] <= rec.ts:
+            swapped |= swapins.popleft() >= start
         offset = (rec.address - p.address) >> PAGE_SHIFT
         order = getattr(rec, "order", PMD_ORDER)
         result = self.collapse.fmt.symbol("result", rec.result)
@@ -223,14 +245,14 @@ class PmdCorrelator:
             p.bitmap, p.bitmap_source = present, "kernel"
             p.bitmaps_seen.add(present)
         open_pass = self._open.get(rec.tid)
+        step = (offset, order, result, swapped)
         if open_pass is not None and open_pass.follows(p, offset, order):
-            open_pass.attempts.append((offset, order, result))
+            open_pass.attempts.append(step)
             open_pass.latencies.append(rec.duration_ns)
         else:
             if open_pass is not None:
                 open_pass.close()
-            self._open[rec.tid] = _OpenPass(p, p.bitmap, [(offset, order, result)],
-                                            [rec.duration_ns])
+            self._open[rec.tid] = _OpenPass(p, p.bitmap, [step], [rec.duration_ns])
 
     def _close_passes(self) -> None:
         """End every thread's pass: the stream (or this window of it) is over."""
@@ -251,6 +273,11 @@ class PmdCorrelator:
         for key, p in self.pmds.items():
             verdicts = p.verdicts + tp_scans.get(key, Counter())
             flags = p.vm_flags
+            armed = bool(any(flags & m for m in uffd)) if flags is not None and uffd else None
+            known = self._inferred(p, bool(armed)) if p.bitmap is None else None
+            if known is not None:
+                p.bitmap = known.present.to_bytes(BITMAP_BYTES, "little")
+                p.bitmap_source = "inferred"
             out.append({
                 "pid": p.pid or None,
                 "comm": p.comm,
@@ -259,12 +286,14 @@ class PmdCorrelator:
                 "vma_flags": flags,
                 "vma_flag_names": (sorted(n for n, m in self.vma_flag_bits.items() if flags & m)
                                    if flags is not None else None),
-                "uffd": bool(any(flags & m for m in uffd)) if flags is not None and uffd else None,
+                "uffd": armed,
                 "scans": sum(verdicts.values()),
                 "verdict": verdicts.most_common(1)[0][0] if verdicts else None,
                 "verdicts": dict(verdicts.most_common()),
                 "bitmap": p.bitmap.hex() if p.bitmap is not None else None,
                 "bitmap_source": p.bitmap_source,
+                "bitmap_known": (known.mask.to_bytes(BITMAP_BYTES, "little").hex()
+                                 if known is not None else None),
                 "present": bitmap_count(p.bitmap) if p.bitmap is not None else None,
                 "bitmaps_seen": len(p.bitmaps_seen),
                 "ptes": p.ptes,
@@ -274,15 +303,25 @@ class PmdCorrelator:
                              for (off, order, iso, st), a in p.attempts.items()],
                 "passes": [{"count": ps.count, "bitmap": bm.hex() if bm is not None else None,
                             "attempts": [{"offset": off, "order": order, "status": st,
-                                          "latency_ns": ns // ps.count}
-                                         for (off, order, st), ns in zip(steps, ps.latency_sums,
-                                                                         strict=True)]}
+                                          "swapped_in": swapped, "latency_ns": ns // ps.count}
+                                         for (off, order, st, swapped), ns
+                                         in zip(steps, ps.latency_sums, strict=True)]}
                            for (bm, steps), ps in p.passes.items()],
                 "passes_dropped": p.passes_dropped,
             })
         out.sort(key=lambda r: (-sum(a["count"] for a in r["attempts"]), -r["scans"],
                                 r["address"]))
         return out
+
+    def _inferred(self, p: _Pmd, uffd: bool) -> infer.Known | None:
+        """What the PMD's passes pin of its bitmap (khmon.infer), under the capture's
+        settings for this VMA; None when they pin nothing."""
+        mask = self.vma_flag_bits.get("hugepage")
+        hugepage = p.vm_flags is None or mask is None or bool(p.vm_flags & mask)
+        settings = settings_from_sysfs(self.settings, vma_hugepage=hugepage, uffd=uffd)
+        known = infer.merge(infer.from_pass(steps, settings)
+                            for bitmap, steps in p.passes if bitmap is None)
+        return known if known is not None and known.mask else None
 
 
 def bitmap_count(bitmap: bytes) -> int:

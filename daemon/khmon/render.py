@@ -135,13 +135,17 @@ def _bytes(n: float) -> str:
 def render_grid(pmd: dict[str, Any]) -> list[str]:
     """A PMD's 512 PTEs as 8 rows of 64, with its attempted ranges marked.
 
-    `#` a present PTE, `.` an empty one (no bitmap: `?`). A PTE inside an attempted range
+    `#` a present PTE, `.` an empty one, `?` one no source knows (no bitmap, or an
+    `inferred` one that does not pin it). A PTE inside an attempted range
     shows that attempt's letter instead (the smallest range covering it): upper case where
     the PTE is present, lower case where it is not. The legend under the grid names each
     attempt: offset, order, isolate status, result, latency and how often it was tried.
     """
     bits = bitmap_bits(bytes.fromhex(pmd["bitmap"])) if pmd["bitmap"] else None
-    cells = ["?" if bits is None else "#" if b else "." for b in (bits or [False] * 512)]
+    known = (bitmap_bits(bytes.fromhex(pmd["bitmap_known"])) if pmd.get("bitmap_known")
+             else [bits is not None] * 512)
+    cells = ["?" if not k else "#" if b else "." for b, k in zip(bits or [False] * 512, known,
+                                                                  strict=True)]
     span = [513] * 512
     attempts = pmd["attempts"][:len(string.ascii_uppercase)]
     for letter, a in zip(string.ascii_uppercase, attempts, strict=False):
@@ -149,12 +153,13 @@ def render_grid(pmd: dict[str, Any]) -> list[str]:
         for i in range(a["offset"], min(a["offset"] + size, 512)):
             if size < span[i]:
                 span[i] = size
-                present = bits[i] if bits is not None else True
+                present = bits[i] if known[i] else True
                 cells[i] = letter if present else letter.lower()
     head = (f"PMD {pmd['address']} pid {pmd['pid'] or '-'} {pmd['comm']}: "
             f"{pmd['scans']} scans, verdict {pmd['verdict'] or '-'}, bitmap "
             f"{pmd['bitmap_source'] or 'unknown'}"
             + (f", {pmd['present']} present" if pmd["present"] is not None else "")
+            + (f", {known.count(False)} unknown" if pmd.get("bitmap_known") else "")
             + (", userfaultfd-armed" if pmd["uffd"] else ""))
     out = [head, "      " + "".join(str(c // 8) if c % 8 == 0 else " " for c in range(64))]
     out += [f"  {row * 64:3d} " + "".join(cells[row * 64:(row + 1) * 64]) for row in range(8)]

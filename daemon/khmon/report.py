@@ -100,7 +100,7 @@ class Aggregator:
         self.layouts = layouts if layouts is not None else layouts_from_header(header["events"])
         self.events = [_EventCounts(lay) for lay in self.layouts]
         self.pmds = PmdCorrelator(self.layouts, header.get("vma_flag_bits", {}),
-                                  header.get("pagemap_ref"))
+                                  header.get("pagemap_ref"), header.get("settings"))
         self.last_stats: dict | None = None
         self.ended = False
 

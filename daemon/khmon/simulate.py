@@ -19,7 +19,7 @@ modelled, chosen with `algo`:
        the helpers patch makes collapse_max_ptes_none() default other values to 0. Plus
        one fixup agreed on the list after v19 (Lance Yang, 2026-06-06..09, "Looks broken
        for swap PTEs in PMD collapse"): at PMD order, swap PTEs count as occupied in the
-       pre-check. See _v19() for why it is assumed to be in 7.2.
+       pre-check. See v19_walk() for why it is assumed to be in 7.2.
 
 Both versions share the scan (collapse_scan_pmd()) and the per-attempt outcome
 (collapse_huge_page()); they differ in the walk and in collapse_max_ptes_none().
@@ -55,7 +55,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 from .geometry import PAGE, PMD_ORDER, PTES
 from .sysfs import selected
@@ -216,14 +216,37 @@ def _collapse_huge_page(algo: str, present: int, swap: int, shared: int, setting
     return None
 
 
+class WalkRun(Protocol):
+    """What a walk asks of the pass it makes: the settings, the pre-check's answer, the
+    result of a collapse_huge_page() call, and where it gave up."""
+
+    settings: Settings
+
+    def precheck(self, offset: int, order: int, need: int) -> bool: ...
+
+    def attempt(self, offset: int, order: int) -> str | None: ...
+
+    def stop(self, reason: str) -> None: ...
+
+
 class _Run:
-    """One simulated pass: the PMD, the settings, and what has been tried so far."""
+    """One simulated pass: the PMD, the settings, and what has been tried so far. The walks
+    (_v17, v19_walk) ask it two things, so khmon.infer can drive the same v19 walk with the
+    kernel's observed attempts instead of a bitmap."""
 
     def __init__(self, algo: str, present: int, swap: int, shared: int, settings: Settings,
                  unmapped: int) -> None:
         self.algo, self.present, self.swap, self.shared = algo, present, swap, shared
         self.settings, self.unmapped = settings, unmapped
         self.out = Outcome()
+
+    def precheck(self, offset: int, order: int, need: int) -> bool:
+        """mthp_collapse()'s pre-check: at least `need` occupied PTEs in the range (v19 adds
+        the scan's swap PTEs at PMD order, see v19_walk)."""
+        occupied = weight(self.present, offset, 1 << order)
+        if order == PMD_ORDER and self.algo == "v19":
+            occupied += self.unmapped
+        return occupied >= need
 
     def attempt(self, offset: int, order: int) -> str | None:
         """Call collapse_huge_page() and record the attempt; None on success."""
@@ -236,8 +259,12 @@ class _Run:
             self.out.bloat_ptes += nr - weight(self.present | self.swap, offset, nr)
         return reason
 
+    def stop(self, reason: str) -> None:
+        """mthp_collapse() gave up on the rest of the PMD."""
+        self.out.stopped = reason
 
-def _v17(run: _Run) -> None:
+
+def _v17(run: WalkRun) -> None:
     """v17 mthp_collapse(): binary recursion with an explicit stack, as quoted in the review.
 
         collapse_mthp_stack_push(cc, &stack_size, 0, HPAGE_PMD_ORDER);
@@ -272,9 +299,9 @@ def _v17(run: _Run) -> None:
         if order in s.orders:
             max_none = collapse_max_ptes_none("v17", s, order, uffd_vma=False)
             if max_none is None:
-                run.out.stopped = "invalid_ptes_none"
+                run.stop("invalid_ptes_none")
                 return
-            if weight(run.present, offset, nr) >= nr - max_none and run.attempt(offset, order) is None:
+            if run.precheck(offset, order, nr - max_none) and run.attempt(offset, order) is None:
                 continue
         if order > KHUGEPAGED_MIN_MTHP_ORDER:
             stack.append((offset + nr // 2, order - 1))
@@ -292,7 +319,7 @@ def max_order_from_offset(offset: int) -> int:
     return min((offset & -offset).bit_length() - 1, PMD_ORDER)
 
 
-def _v19(run: _Run) -> None:
+def v19_walk(run: WalkRun) -> None:
     """v19 mthp_collapse() (11/14 with 12/14): a linear walk over the PMD.
 
         while (offset < HPAGE_PMD_NR) {
@@ -332,18 +359,15 @@ def _v19(run: _Run) -> None:
         nr = 1 << order
         if order in s.orders:
             max_none = collapse_max_ptes_none("v19", s, order, uffd_vma=False)
-            occupied = weight(run.present, offset, nr)
-            if order == PMD_ORDER:
-                occupied += run.unmapped
             assert max_none is not None  # v19 never returns -EINVAL
-            if occupied >= nr - max_none:
+            if run.precheck(offset, order, nr - max_none):
                 reason = run.attempt(offset, order)
                 if reason is None or reason in V19_NEXT_OFFSET:
                     offset += nr
                     order = max_order_from_offset(offset)
                     continue
                 if reason not in V19_NEXT_ORDER:
-                    run.out.stopped = reason
+                    run.stop(reason)
                     return
         if order > KHUGEPAGED_MIN_MTHP_ORDER and lower[order]:
             order -= 1
@@ -352,7 +376,7 @@ def _v19(run: _Run) -> None:
         order = max_order_from_offset(offset)
 
 
-_WALKS = {"v17": _v17, "v19": _v19}
+_WALKS = {"v17": _v17, "v19": v19_walk}
 
 
 def simulate(algo: str, present: int, settings: Settings, swap: int = 0, shared: int = 0) -> Outcome:

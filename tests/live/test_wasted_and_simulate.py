@@ -8,14 +8,19 @@
   scan itself refuses such a VMA: both sides are 0.
 - The model: the kernel's own passes over workload PMDs of known patterns, replayed through
   simulate's v19 walk with the settings the capture recorded, must match attempt for attempt.
+- The `inferred` source: what each of those passes' attempts pins of the bitmap (khmon.infer)
+  never contradicts the bitmap the kernel (or the PTE walk) read for that pass, and a full
+  PMD collapsed under max_ptes_none 0 is pinned whole.
 On a kernel without function probes there are no PMD records, and the report says why.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from khmon import simulate, sysfs
+from khmon import infer, simulate, sysfs
 from khmon.session import LiveCapture
 from khmon.workload import PMD_SIZE
 
@@ -97,10 +102,33 @@ def test_v19_model_predicts_every_pass(live_capture: LiveCapture, run_workloads,
     mine = [p for w in works for p in _mine(report, w)]
     r = simulate.replay(mine, "v19", settings)
     # every workload PMD with a bitmap was replayed, and every pass matched
-    assert r["passes"] >= sum(1 for p in mine if p["bitmap"]) > 0
-    assert r["mismatched"] == 0, r["mismatches"][:3]
+    acc = {k: v for k, v in report["accounting"].items() if k.startswith("fn_")}
+    unreplayed = [p for p in mine if p["bitmap"] and not any(ps["bitmap"] for ps in p["passes"])
+                  and p["attempts"]]
+    assert r["passes"] >= sum(1 for p in mine if p["bitmap"]) > 0, (unreplayed[:2], acc)
+    assert r["mismatched"] == 0, (r["mismatches"][:3], acc)
     # the collapses the model predicts are the ones the kernel made
     assert r["kernel"]["collapses_by_order"] == r["predicted"]["collapses_by_order"]
     full = _mine(report, works[0])
     assert all([(a["offset"], a["order"], a["status"]) for a in p["attempts"]] ==
                [(0, 9, "succeeded")] for p in full)
+    pinned = 0
+    for p in mine:
+        firsts = set()
+        for ps in p["passes"]:
+            if not ps["bitmap"]:
+                continue
+            steps = [(a["offset"], a["order"], a["status"], a["swapped_in"])
+                     for a in ps["attempts"]]
+            known = infer.from_pass(steps, replace(settings, uffd=bool(p["uffd"])))
+            real = simulate.bitmap_from_hex(ps["bitmap"])
+            if ps["bitmap"] not in firsts:  # the passes replay matched are the walk's too
+                firsts.add(ps["bitmap"])
+                assert known is not None, (p["address"], ps)
+            if known is None:
+                continue
+            assert known.present & ~real == 0 and known.clear & real == 0, (p["address"], ps)
+            pinned += known.mask.bit_count()
+            if p in full and max_ptes_none == "0":
+                assert known.present == real == (1 << 512) - 1
+    assert pinned > 0

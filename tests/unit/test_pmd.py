@@ -109,6 +109,19 @@ def test_grid_without_bitmap_or_attempts() -> None:
     assert rows == ["?" * 64] * 8
 
 
+
+def test_grid_of_an_inferred_bitmap_shows_the_unknown_ptes() -> None:
+    # 7.2 orders 2..8, max_ptes_none 511, PTE 0 alone present and no bitmap source: the
+    # walk's one try, (0,8), succeeded, and every range after it failed its pre-check (all
+    # clear). PTEs 0..255 are unknown (`?`, or the attempt's letter in upper case).
+    (p,) = correlate((COL, [attempt(0, 8, "succeeded", ts=1, dur=1)]))
+    p.update(bitmap="00" * 64, bitmap_source="inferred", present=0,
+             bitmap_known="00" * 32 + "ff" * 32)
+    out = render_grid(p)
+    assert "bitmap inferred, 0 present, 256 unknown" in out[0]
+    rows = [line[6:] for line in out[2:10]]
+    assert rows == ["A" * 64] * 4 + ["." * 64] * 4
+
 def test_ptwalk_bitmap_on_6_1() -> None:
     from khdata import func_layouts_61
 
@@ -196,3 +209,35 @@ def test_pagemap_never_replaces_a_better_source() -> None:
                  "shared": 0})
     (p,) = c.records()
     assert (p["bitmap_source"], p["bitmap"]) == ("kernel", "77" * 64)
+
+
+def test_inferred_bitmap_where_no_source_reads_the_ptes() -> None:
+    # 6.1 without the PTE walk (no page_offset_base): the attempts are all there is. The one
+    # try, (0,9), succeeded under max_ptes_none 0 with no swap-in, so all 512 PTEs were
+    # present: the `inferred` bitmap, every bit known. Under max_ptes_none 511 the same try
+    # pins nothing, and a try that swapped pages in pins nothing either.
+    from khdata import func_layouts_61
+
+    lays = by_name(func_layouts_61(None))
+    col, swapin = lays["fn_collapse"], lays["mm_collapse_huge_page_swapin"]
+    ok = {v: k for k, v in col.fmt.symbols["result"].items()}["succeeded"]
+    collapse = pack(col.fmt, col.index, ts=200, mm=MM, address=PMD, duration_ns=100, result=ok,
+                    **owner())
+
+    def record(max_ptes_none: str, *batches: tuple) -> dict:
+        c = PmdCorrelator(list(lays.values()), BITS, None,
+                          {"enabled": "madvise", "khugepaged/max_ptes_none": max_ptes_none})
+        for lay, data in batches:
+            c.add(lay.index, data)
+        (p,) = c.records()
+        return p
+
+    p = record("0", (col, collapse))
+    assert (p["bitmap_source"], p["bitmap"], p["bitmap_known"], p["present"]) == (
+        "inferred", "ff" * 64, "ff" * 64, 512)
+    assert p["passes"][0]["bitmap"] is None  # the pass itself had no bitmap to replay
+    assert record("511", (col, collapse))["bitmap_source"] is None
+    swapped = pack(swapin.fmt, swapin.index, ts=150, tid=37, mm=MM, swapped_in=3, referenced=3,
+                   ret=1)
+    p = record("0", (swapin, swapped), (col, collapse))
+    assert (p["bitmap_source"], p["passes"][0]["attempts"][0]["swapped_in"]) == (None, True)
