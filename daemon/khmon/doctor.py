@@ -149,7 +149,8 @@ def _tier_summary(t: dict[str, bool]) -> list[Check]:
     bitmaps = [name for name, ok in (
         ("kernel", t.get("mthp_present_ptes") and funcs),
         ("ptwalk", t.get("ptwalk") and funcs),
-        ("pagemap", not funcs)) if ok][:1]
+        ("pagemap", not funcs),
+        ("inferred", funcs)) if ok][:1]
     return [
         Check("tier", "1 tracepoints", "info", "yes" if t.get("tracepoints") else
               "no" if "tracepoints" in t else "not tried (--no-trial, or not root)"),
@@ -157,7 +158,9 @@ def _tier_summary(t: dict[str, bool]) -> list[Check]:
               "none: tracepoints only"),
         Check("tier", "3 bitmap sources", "info", "khmon uses " + ", ".join(bitmaps)
               + (" (pagemap: user space reads each scanned PMD's PTEs from "
-                 "/proc/PID/pagemap after the event)" if not funcs else "")),
+                 "/proc/PID/pagemap after the event)" if not funcs else "")
+              + (" (inferred: only what the collapse attempts imply; unknown PTEs stay "
+                 "unknown)" if bitmaps == ["inferred"] else "")),
     ]
 
 
