@@ -131,4 +131,5 @@ def test_v19_model_predicts_every_pass(live_capture: LiveCapture, run_workloads,
             pinned += known.mask.bit_count()
             if p in full and max_ptes_none == "0":
                 assert known.present == real == (1 << 512) - 1
-    assert pinned > 0
+    # Under 511 every pattern here collapses whole at PMD order, which pins nothing.
+    assert (pinned > 0) == (max_ptes_none == "0")
