@@ -181,9 +181,10 @@ class LiveProbes:
         # poll returns only once the buffer is empty, never while producers outpace us.
         return -1 if len(self._pending) >= self._poll_cap else 0
 
-    def poll(self, timeout_ms: int) -> dict[int, bytes]:
-        """Records that arrived, concatenated per event index: at most POLL_BATCH per call,
-        so the caller's loop (durations, stats, Ctrl-C) keeps running under any load."""
+    def poll(self, timeout_ms: int) -> list[tuple[int, bytes]]:
+        """Records that arrived, as (event index, records) runs in ring-buffer order: at most
+        POLL_BATCH per call, so the caller's loop (durations, stats, Ctrl-C) keeps running
+        under any load."""
         self._poll_cap = len(self._pending) + POLL_BATCH
         try:
             self.bpf.ring_buffer_poll(timeout_ms)
@@ -191,15 +192,24 @@ class LiveProbes:
             self._poll_cap = sys.maxsize
         return self._take()
 
-    def _take(self) -> dict[int, bytes]:
+    def _take(self) -> list[tuple[int, bytes]]:
+        """The pending records as runs of one event each, in arrival order. Consecutive
+        records of an event are joined (decoded in one pass), but never reordered across
+        events: a thread's collapse, scan and isolate records must reach the correlator in
+        the order the thread made them (grouping a whole poll by event once closed a
+        collapse pass before its scan record could give it its bitmap)."""
         pending, self._pending = self._pending, []
-        by_event: dict[int, list[bytes]] = defaultdict(list)
+        runs: list[tuple[int, list[bytes]]] = []
         for raw in pending:
             rec = self.resolver.resolve(raw)
-            if rec is not None:
-                by_event[int.from_bytes(rec[EVENT_INDEX_OFFSET:EVENT_INDEX_OFFSET + 2],
-                                        "little")].append(rec)
-        return {ev: b"".join(recs) for ev, recs in by_event.items()}
+            if rec is None:
+                continue
+            ev = int.from_bytes(rec[EVENT_INDEX_OFFSET:EVENT_INDEX_OFFSET + 2], "little")
+            if runs and runs[-1][0] == ev:
+                runs[-1][1].append(rec)
+            else:
+                runs.append((ev, [rec]))
+        return [(ev, b"".join(recs)) for ev, recs in runs]
 
     def advance_epoch(self) -> None:
         """Make the next repeat of every deduplicated payload report the repeats counted
@@ -284,11 +294,11 @@ class LiveProbes:
         return {table: {name: n - self._base[table][name] for name, n in vals.items()}
                 for table, vals in raw.items()}
 
-    def detach(self) -> dict[int, bytes]:
-        """Stop new events, then collect what is still in the ring buffer and the repeats
-        still counted in the dedup slots."""
+    def detach(self) -> list[tuple[int, bytes]]:
+        """Stop new events, then collect what is still in the ring buffer and, after it, the
+        repeats still counted in the dedup slots (as poll() does, runs in order)."""
         if self.detached:
-            return {}
+            return []
         for lay in self.layouts:
             if lay.func is not None:
                 self._detach_func(lay)
@@ -300,10 +310,7 @@ class LiveProbes:
                         self.bpf.detach_tracepoint(tp=f"{SYSTEM}:{lay.name}".encode())
         self.detached = True
         self.bpf.ring_buffer_consume()
-        out = self._take()
-        for ev, data in self._empty_slots().items():
-            out[ev] = out.get(ev, b"") + data
-        return out
+        return self._take() + list(self._empty_slots().items())
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

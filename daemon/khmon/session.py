@@ -134,7 +134,7 @@ class LiveCapture:
             while not should_stop():
                 if duration is not None and (_mono_ns() - start) / 1e9 >= duration:
                     break
-                for ev, data in self.probes.poll(POLL_MS).items():
+                for ev, data in self.probes.poll(POLL_MS):
                     yield Part("R", event=ev, data=data)
                     if self.pages is not None and ev == self.pages[0].index:
                         yield from self._sample_pages(data)
@@ -142,7 +142,7 @@ class LiveCapture:
                     next_stats += STATS_INTERVAL_S
                     self.probes.advance_epoch()
                     yield Part("S", meta=self._stats())
-            for ev, data in self.probes.detach().items():
+            for ev, data in self.probes.detach():
                 yield Part("R", event=ev, data=data)
             yield Part("E", meta=self._stats())
         finally:

@@ -241,3 +241,42 @@ def test_inferred_bitmap_where_no_source_reads_the_ptes() -> None:
                    ret=1)
     p = record("0", (swapin, swapped), (col, collapse))
     assert (p["bitmap_source"], p["passes"][0]["attempts"][0]["swapped_in"]) == (None, True)
+
+
+def test_interleaved_pmds_in_one_poll_keep_their_pass_bitmaps() -> None:
+    # 6.1: per PMD the collapse exit comes before the scan exit that carries the walked
+    # bitmap. Two PMDs collapsed within one ring-buffer poll arrive as collapse A, scan A,
+    # collapse B, scan B. LiveProbes._take keeps that order (runs of one event each); fed
+    # so, each pass has its own PMD's bitmap. (Grouping the poll by event, collapses first,
+    # closed A's pass before scan A arrived: the CI failure of a pass without a bitmap.)
+    from khdata import func_layouts_61
+
+    from khmon.probes import LiveProbes
+    from khmon.ptwalk import PtWalkPlan
+
+    lays = by_name(func_layouts_61(PtWalkPlan(72, 1, None, None, 2, None, None)))
+    scan61, col = lays["fn_pmd_scan"], lays["fn_collapse"]
+    result = {v: k for k, v in scan61.fmt.symbols["result"].items()}
+    ok = {v: k for k, v in col.fmt.symbols["result"].items()}["succeeded"]
+
+    def collapse(pmd: int, ts: int) -> bytes:
+        return pack(col.fmt, col.index, ts=ts, mm=MM, address=pmd, duration_ns=10, result=ok,
+                    **owner())
+
+    def walked(pmd: int, ts: int, present: bytes) -> bytes:
+        return pack(scan61.fmt, scan61.index, ts=ts, mm=MM, address=pmd, vm_flags=0,
+                    present=present, walk=0, result=result["succeeded"], **owner())
+
+    a, b = PMD, PMD + (2 << 20)
+    full, half = bytes([0xFF]) * 64, bytes([0xFF]) * 32 + bytes(32)
+    probes = object.__new__(LiveProbes)
+    probes._pending = [collapse(a, 10), walked(a, 11, full), collapse(b, 20),
+                       walked(b, 21, half)]
+    probes.resolver = type("Identity", (), {"resolve": staticmethod(lambda raw: raw)})()
+    runs = probes._take()
+    assert [ev for ev, _ in runs] == [col.index, scan61.index] * 2
+    c = PmdCorrelator(list(lays.values()), BITS)
+    for ev, data in runs:
+        c.add(ev, data)
+    got = {p["address"]: [ps["bitmap"] for ps in p["passes"]] for p in c.records()}
+    assert got == {hex(a): [full.hex()], hex(b): [half.hex()]}
