@@ -24,7 +24,8 @@
  * buffer refused in `lost`: nothing is dropped uncounted.
  *
  * Placeholders filled at load time by khmon/bpfgen.py:
- *   NR_EVENTS, RINGBUF_PAGES, DEDUP_SLOTS (a power of two), DEDUP_INSTALL, DEDUP_FLUSH,
+ *   NR_EVENTS, RINGBUF_PAGES, DEDUP_SLOTS (per CPU, a power of two), NR_CPU_IDS (the
+ *   tables of all CPUs share one array, CPU after CPU), DEDUP_INSTALL, DEDUP_FLUSH,
  *   FILTER_TGID (0: all), HAVE_OWNER,
  *   MM_OWNER_OFF, TASK_TGID_OFF, TASK_COMM_OFF (byte offsets from the running kernel's BTF),
  *   EVENT_CODE (per-event structs, maps and programs, generated from the format files).
@@ -58,6 +59,7 @@ struct khmon_slot {
     u64 ec;
 };
 #define KHMON_WAYS 4
+#define KHMON_SETS (DEDUP_SLOTS / KHMON_WAYS)  /* per CPU */
 struct khmon_set {
     struct khmon_slot w[KHMON_WAYS];
 } __attribute__((aligned(64)));

@@ -197,7 +197,11 @@ def _dedup_key(lay: EventLayout) -> list[str]:
 
 
 def _dedup_sets(lay: EventLayout) -> list[str]:
-    return [f"BPF_PERCPU_ARRAY(dsets_{lay.name}, struct khmon_set, DEDUP_SLOTS / KHMON_WAYS);"]
+    """One plain array holding every CPU's table, CPU after CPU (KHMON_SETS sets each). A
+    per-CPU array would cost a second dependent load on every event: its lookup reads the
+    element's per-CPU pointer from a table of them before the set itself, and at full scan
+    speed both miss the cache. Each CPU still touches only its own sets."""
+    return [f"BPF_ARRAY(dsets_{lay.name}, struct khmon_set, KHMON_SETS * NR_CPU_IDS);"]
 
 
 # Shift that makes neighbouring struct pages (folios) neighbouring sets: any value is correct,
@@ -239,12 +243,15 @@ def _dedup_tail(lay: EventLayout, words: list[str], record_ready: bool = False) 
         *(f"    h = khmon_mix(h, {w});" for w in words),
         "    h = khmon_fmix(h);",
         f"    u32 set = {_set_index(lay, 'r.b' if record_ready else 'k.b')} "
-        "& (DEDUP_SLOTS / KHMON_WAYS - 1);",
+        "& (KHMON_SETS - 1);",
         "    h |= 1;  /* 0 marks an empty slot */",
-        f"    struct khmon_set *st = dsets_{n}.lookup(&set);",
+        "    u32 at = bpf_get_smp_processor_id() * KHMON_SETS + set;",
+        f"    struct khmon_set *st = dsets_{n}.lookup(&at);",
         "    u32 way = 0;",
-        "    if (!st)",
+        "    if (!st) {  /* a CPU id beyond NR_CPU_IDS: counted, never silently dropped */",
+        "        khmon_add(ev, 1, 1);",
         "        return 0;",
+        "    }",
         "    int got = khmon_repeat(st, set, h, khmon_epoch(), ev, &way);",
         "    if (got == KHMON_REPEAT)",
         "        return 0;",
@@ -343,16 +350,18 @@ def _exit_pair(lay: EventLayout, mode: str) -> list[str]:
     ]
 
 
-def generate(layouts: list[EventLayout], owner: OwnerOffsets, cfg: ProbeConfig,
-             text: str | None = None, func_mode: str | None = None) -> str:
+def generate(layouts: list[EventLayout], owner: OwnerOffsets, cfg: ProbeConfig, *,
+             nr_cpu_ids: int, text: str | None = None, func_mode: str | None = None) -> str:
     """The complete BPF C for these events, placeholders filled. Function-probe events are
     generated as fentry/fexit (func_mode "kfunc") or kprobes ("kprobe"), and left out when
-    func_mode is None."""
+    func_mode is None. `nr_cpu_ids`: one more than the highest possible CPU id (the dedup
+    tables hold one table per CPU)."""
     text = template() if text is None else text
     values = {
         "NR_EVENTS": str(len(layouts)),
         "RINGBUF_PAGES": str(cfg.ringbuf_pages),
         "DEDUP_SLOTS": str(cfg.dedup_slots),
+        "NR_CPU_IDS": str(nr_cpu_ids),
         "DEDUP_INSTALL": f"{DEDUP_INSTALL:#x}U",
         "DEDUP_FLUSH": f"{DEDUP_FLUSH:#x}U",
         "FILTER_TGID": str(cfg.filter_tgid),

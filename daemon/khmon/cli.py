@@ -361,11 +361,13 @@ def _demo_story(r: dict, runs: list[dict], pmds: int) -> str:
 def _generated_c(cfg: ProbeConfig) -> str:
     from .bpfgen import generate
     from .btf import Btf
+    from .probes import nr_cpu_ids
     from .session import kernel_layouts, owner_offsets
 
     btf = Btf.from_kernel()
     # As LiveProbes compiles it first: function probes as fentry/fexit.
-    return generate(kernel_layouts(btf, cfg.ptwalk), owner_offsets(btf), cfg, func_mode="kfunc")
+    return generate(kernel_layouts(btf, cfg.ptwalk), owner_offsets(btf), cfg,
+                    nr_cpu_ids=nr_cpu_ids(), func_mode="kfunc")
 
 
 def version_callback(value: bool) -> None:

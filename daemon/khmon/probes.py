@@ -33,7 +33,16 @@ CFLAGS = ["-Wno-macro-redefined", "-Wno-ignored-attributes", "-Wno-duplicate-dec
 POLL_BATCH = 16384  # records taken per poll at most
 # struct khmon_slot (bpf/khmon.bpf.c): the payload's hash, then epoch | excluded | count.
 _EXCLUDED = 1 << 32
+_WAYS = 4  # KHMON_WAYS
 _COUNT_MASK = (1 << 32) - 1
+
+
+def nr_cpu_ids() -> int:
+    """One more than the highest possible CPU id (bcc reads /sys/devices/system/cpu/possible):
+    the number of per-CPU dedup tables the generated program needs."""
+    from bcc.utils import get_possible_cpus
+
+    return max(get_possible_cpus()) + 1
 
 
 def _import_bcc():
@@ -60,13 +69,16 @@ class LiveProbes:
         # TCG guest, so every compile saved counts.
         stub = "\nint khmon_kprobe_stub(void *ctx) { return 0; }\n" if with_kprobe_stub else ""
         BPF = _import_bcc()
+        self.cfg = cfg
+        self.nr_cpu_ids = nr_cpu_ids()
         # Function probes: fentry/fexit where the kernel loads them, else kprobes, else none
         # (a failed fentry load fails the whole object, so each choice is a compile).
         has_funcs = any(lay.func is not None for lay in layouts)
         self.func_errors: dict[str, str] = {}
         self.func_mode: str | None = None
         for mode in (("kfunc", "kprobe", None) if has_funcs else (None,)):
-            self.source = generate(layouts, owner, cfg, func_mode=mode) + stub
+            self.source = generate(layouts, owner, cfg, nr_cpu_ids=self.nr_cpu_ids,
+                                   func_mode=mode) + stub
             refused = _refusals.get(self.source) if mode == "kfunc" else None
             if mode == "kfunc" and refused is None:
                 refused = _kfunc_obstacle(layouts)
@@ -231,22 +243,23 @@ class LiveProbes:
             except Exception:  # no batch ops on this kernel: one lookup per slot
                 items = table.items()
             used = set()
-            for k, per_cpu in items:
-                set_index = int(getattr(k, "value", k))  # batch lookups yield ints
-                for cpu, ways in enumerate(per_cpu):
-                    for way, v in enumerate(ways.w):
-                        if not v.fp:
-                            continue
-                        used.add(set_index)
-                        n = v.ec & _COUNT_MASK
-                        if n and not v.ec & _EXCLUDED:
-                            slot = set_index * len(ways.w) + way
-                            rec = self.resolver.repeats((lay.index, cpu, slot), now, n)
-                            if rec is not None:
-                                out[lay.index].append(rec)
-                                self._left_in_slots[lay.name] += n
-            for set_index in sorted(used):
-                table.clearitem(ctypes.c_int(set_index))
+            sets_per_cpu = self.cfg.dedup_slots // _WAYS
+            for k, ways in items:
+                at = int(getattr(k, "value", k))  # batch lookups yield ints
+                cpu, set_index = divmod(at, sets_per_cpu)  # CPU after CPU (bpfgen)
+                for way, v in enumerate(ways.w):
+                    if not v.fp:
+                        continue
+                    used.add(at)
+                    n = v.ec & _COUNT_MASK
+                    if n and not v.ec & _EXCLUDED:
+                        slot = set_index * _WAYS + way
+                        rec = self.resolver.repeats((lay.index, cpu, slot), now, n)
+                        if rec is not None:
+                            out[lay.index].append(rec)
+                            self._left_in_slots[lay.name] += n
+            for at in sorted(used):
+                table.clearitem(ctypes.c_int(at))
         self.resolver.forget()
         return {ev: b"".join(recs) for ev, recs in out.items()}
 

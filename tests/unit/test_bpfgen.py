@@ -16,7 +16,8 @@ EVENTS_6_18 = ["mm_collapse_huge_page", "mm_collapse_huge_page_isolate",
 
 @pytest.fixture(scope="module")
 def src_6_18() -> str:
-    return generate(layouts("6.18"), OwnerOffsets(1296, 1268, 1752), ProbeConfig())
+    return generate(layouts("6.18"), OwnerOffsets(1296, 1268, 1752), ProbeConfig(),
+                    nr_cpu_ids=2)
 
 
 def test_fixture_has_the_six_host_events() -> None:
@@ -29,8 +30,8 @@ def test_one_program_per_event(src_6_18: str) -> None:
 
 
 def test_dedup_tables_only_for_scan_events(src_6_18: str) -> None:
-    maps = re.findall(r"^BPF_PERCPU_ARRAY\(dsets_(\w+), struct khmon_set, "
-                      r"DEDUP_SLOTS / KHMON_WAYS\);$", src_6_18, re.M)
+    maps = re.findall(r"^BPF_ARRAY\(dsets_(\w+), struct khmon_set, "
+                      r"KHMON_SETS \* NR_CPU_IDS\);$", src_6_18, re.M)
     assert maps == ["mm_khugepaged_scan_file", "mm_khugepaged_scan_pmd"]
     assert "dsets_mm_collapse_huge_page" not in src_6_18
 
@@ -43,14 +44,16 @@ def test_dedup_hash_covers_every_key_word(src_6_18: str) -> None:
         prog = prog[:prog.index("\n}\n")]
         assert re.findall(r"h = khmon_mix\(h, w\[(\d+)\]\);", prog) == [
             str(i) for i in range(words)]
-        assert f"dsets_{name}.lookup(&set)" in prog
+        assert f"dsets_{name}.lookup(&at)" in prog
+        # this CPU's table: the array holds them CPU after CPU
+        assert "u32 at = bpf_get_smp_processor_id() * KHMON_SETS + set;" in prog
 
 
 def test_defines(src_6_18: str) -> None:
     generated = src_6_18[:src_6_18.index("/*")]  # the template's own defines come later
     defines = dict(re.findall(r"^#define (\w+) (\S+)$", generated, re.M))
     assert defines == {
-        "NR_EVENTS": "6", "RINGBUF_PAGES": "1024", "DEDUP_SLOTS": "32768",
+        "NR_EVENTS": "6", "RINGBUF_PAGES": "1024", "DEDUP_SLOTS": "32768", "NR_CPU_IDS": "2",
         "DEDUP_INSTALL": "0x40000000U", "DEDUP_FLUSH": "0x80000000U", "FILTER_TGID": "0",
         "HAVE_OWNER": "1", "MM_OWNER_OFF": "1296", "TASK_TGID_OFF": "1268",
         "TASK_COMM_OFF": "1752",
@@ -61,7 +64,8 @@ def test_defines(src_6_18: str) -> None:
 
 def test_config_numbers_reach_the_defines() -> None:
     src = generate(layouts("6.18"), OwnerOffsets(1, 2, 3),
-                   ProbeConfig(ringbuf_pages=64, dedup_slots=128, filter_tgid=4321))
+                   ProbeConfig(ringbuf_pages=64, dedup_slots=128, filter_tgid=4321),
+                   nr_cpu_ids=2)
     assert "#define RINGBUF_PAGES 64\n" in src
     assert "#define DEDUP_SLOTS 128\n" in src
     assert "#define FILTER_TGID 4321\n" in src
@@ -79,7 +83,7 @@ def test_no_placeholder_left(src_6_18: str) -> None:
 def test_have_owner_0_when_an_offset_is_missing(missing: int) -> None:
     offs = [1296, 1268, 1752]
     offs[missing] = None
-    src = generate(layouts("6.18"), OwnerOffsets(*offs), ProbeConfig())
+    src = generate(layouts("6.18"), OwnerOffsets(*offs), ProbeConfig(), nr_cpu_ids=2)
     assert "#define HAVE_OWNER 0\n" in src
     assert "#define HAVE_OWNER 1\n" not in src
 
@@ -104,11 +108,11 @@ def test_body_sizes_and_copy_offsets(src_6_18: str) -> None:
 def test_padding_zeroed_in_dedup_key_7_2() -> None:
     # 7.2 mm_khugepaged_scan: mm@8, progress@16 (4), full_scan_finished@20 (1) -> body bytes
     # 13..15 are padding and must be zeroed so equal payloads hash alike
-    src = generate(layouts("7.2"), OwnerOffsets(1, 2, 3), ProbeConfig())
+    src = generate(layouts("7.2"), OwnerOffsets(1, 2, 3), ProbeConfig(), nr_cpu_ids=2)
     body = src[src.index("int khmon_mm_khugepaged_scan(void *ctx)"):]
     body = body[:body.index("\n}\n")]
     assert "__builtin_memset(&k.b[13], 0, 3);" in body
-    assert "dsets_mm_khugepaged_scan.lookup(&set)" in body
+    assert "dsets_mm_khugepaged_scan.lookup(&at)" in body
 
 
 def test_strings_copied_for_data_loc(src_6_18: str) -> None:
@@ -122,7 +126,7 @@ def test_strings_copied_for_data_loc(src_6_18: str) -> None:
 
 def test_generate_with_explicit_template() -> None:
     out = generate(layouts("6.18")[:1], OwnerOffsets(None, None, None), ProbeConfig(),
-                   text="A\nEVENT_CODE\nB\n")
+                   nr_cpu_ids=2, text="A\nEVENT_CODE\nB\n")
     assert out.startswith("#define NR_EVENTS 1\n")
     assert "#define MM_OWNER_OFF 0\n" in out
     assert re.search(r"^A\n/\* mm_collapse_huge_page: body = format bytes 8\.\.24 \*/", out, re.M)
@@ -131,7 +135,7 @@ def test_generate_with_explicit_template() -> None:
 
 def test_padding_zeroed_in_dedup_key_6_1() -> None:
     # 6.1 scan_pmd: gaps at body 17..19 (after bool writable) and 36..39 (tail), by hand
-    src = generate(layouts("6.1"), OwnerOffsets(1, 2, 3), ProbeConfig())
+    src = generate(layouts("6.1"), OwnerOffsets(1, 2, 3), ProbeConfig(), nr_cpu_ids=2)
     body = src[src.index("int khmon_mm_khugepaged_scan_pmd(void *ctx)"):]
     body = body[:body.index("\n}\n")]
     assert re.findall(r"__builtin_memset\(&k\.b\[\d+\], 0, \d+\);", body) == [
@@ -141,7 +145,7 @@ def test_padding_zeroed_in_dedup_key_6_1() -> None:
 
 def _set_line(src: str, prog: str) -> str:
     body = src[src.index(f"/* {prog}: body"):]
-    return re.search(r"u32 set = (.*) & \(DEDUP_SLOTS / KHMON_WAYS - 1\);", body).group(1)
+    return re.search(r"u32 set = (.*) & \(KHMON_SETS - 1\);", body).group(1)
 
 
 def test_sets_follow_the_payloads_place_in_memory(src_6_18: str) -> None:
@@ -149,8 +153,9 @@ def test_sets_follow_the_payloads_place_in_memory(src_6_18: str) -> None:
     assert _set_line(src_6_18, "mm_khugepaged_scan_pmd") == "*(u64 *)&k.b[8]"
     assert _set_line(src_6_18, "mm_khugepaged_scan_file") == "*(u64 *)&k.b[8]"
     # 7.2's mm_khugepaged_scan names no place: the hash picks the set
-    src = generate(layouts("7.2"), OwnerOffsets(1, 2, 3), ProbeConfig())
+    src = generate(layouts("7.2"), OwnerOffsets(1, 2, 3), ProbeConfig(), nr_cpu_ids=2)
     assert _set_line(src, "mm_khugepaged_scan") == "h"
     # the per-PMD function's exit: the PMD address (body 8), one set per 2 MiB
-    src = generate(func_layouts_72(), OwnerOffsets(1, 2, 3), ProbeConfig(), func_mode="kfunc")
+    src = generate(func_layouts_72(), OwnerOffsets(1, 2, 3), ProbeConfig(), nr_cpu_ids=2,
+                   func_mode="kfunc")
     assert _set_line(src, "fn_pmd_scan") == "(*(u64 *)&r.b[8] >> 21)"

@@ -55,7 +55,7 @@ def test_generated_c_for_fentry_and_kprobes() -> None:
     assert (present.offset, present.size) == (8 + 20, 64)  # after mm, address, order: unaligned
     assert col.fmt.symbol("result", 1) == "succeeded"
     owner = OwnerOffsets(1296, 1268, 1752)
-    kf = generate(tps + fl, owner, ProbeConfig(), func_mode="kfunc")
+    kf = generate(tps + fl, owner, ProbeConfig(), nr_cpu_ids=2, func_mode="kfunc")
     assert "KFUNC_PROBE(collapse_single_pmd)\n{" in kf
     assert "KRETFUNC_PROBE(collapse_huge_page)\n{" in kf
     assert "int ret = (int)ctx[6];" in kf  # fexit: the return value follows the 6 arguments
@@ -64,11 +64,11 @@ def test_generated_c_for_fentry_and_kprobes() -> None:
     # the per-PMD exit deduplicates on (thread, fields + verdict) instead of sending
     pmd_exit = kf[kf.index("KRETFUNC_PROBE(collapse_single_pmd)"):]
     pmd_exit = pmd_exit[:pmd_exit.index("\n}\n")]
-    assert "int ret = (int)ctx[4];" in pmd_exit and "dsets_fn_pmd_scan.lookup(&set)" in pmd_exit
-    kp = generate(tps + fl, owner, ProbeConfig(), func_mode="kprobe")
+    assert "int ret = (int)ctx[4];" in pmd_exit and "dsets_fn_pmd_scan.lookup(&at)" in pmd_exit
+    kp = generate(tps + fl, owner, ProbeConfig(), nr_cpu_ids=2, func_mode="kprobe")
     assert "int khmon_ret_fn_collapse(struct pt_regs *ctx)" in kp
     assert "PT_REGS_RC(ctx)" in kp and "PT_REGS_PARM6(ctx)" in kp
-    none = generate(tps + fl, owner, ProbeConfig(), func_mode=None)
+    none = generate(tps + fl, owner, ProbeConfig(), nr_cpu_ids=2, func_mode=None)
     assert "fn_collapse" not in none and "#define NR_EVENTS 8" in none
 
 
@@ -91,7 +91,8 @@ def test_ptwalk_fields_and_generated_call() -> None:
     assert at["present"] == (48, 64) and at["swap"] == (112, 64) and at["zero"] == (176, 64)
     assert at["none_ptes"] == (240, 2) and at["pmd_entry"] == (256, 8)
     assert at["walk"] == (264, 4) and at["result"] == (268, 4)
-    src = generate([*tps, scan], OwnerOffsets(1, 2, 3), ProbeConfig(), func_mode="kprobe")
+    src = generate([*tps, scan], OwnerOffsets(1, 2, 3), ProbeConfig(), nr_cpu_ids=2,
+                   func_mode="kprobe")
     assert "static __always_inline int khmon_ptwalk(" in src
     assert "khmon_ptwalk(pw_mm, pw_addr, (struct khmon_ptbits *)&s.b[40]);" in src
     # the exit hashes the record in place: thread id, then every whole word of the body
