@@ -96,4 +96,6 @@ def test_ptwalk_fields_and_generated_call() -> None:
     assert "static __always_inline int khmon_ptwalk(" in src
     assert "khmon_ptwalk(pw_mm, pw_addr, (struct khmon_ptbits *)&s.b[40]);" in src
     # the exit hashes the record in place: thread id, then every whole word of the body
-    assert "h = khmon_mix(h, (u64)tid);" in src and "h = khmon_mix(h, *(u64 *)&r.b[256]);" in src
+    # (word 0, then body word 32 is key word 33: the second lane)
+    assert "h0 = khmon_mix(h0, (u64)tid);" in src
+    assert "h1 = khmon_mix(h1, *(u64 *)&r.b[256]);" in src
