@@ -274,10 +274,12 @@ class PmdCorrelator:
             verdicts = p.verdicts + tp_scans.get(key, Counter())
             flags = p.vm_flags
             armed = bool(any(flags & m for m in uffd)) if flags is not None and uffd else None
-            known = self._inferred(p, bool(armed)) if p.bitmap is None else None
+            # Worked out afresh for each call (live views ask repeatedly), never stored: a
+            # later pass must not take a partly known bitmap for its own.
+            bitmap, source = p.bitmap, p.bitmap_source
+            known = self._inferred(p, bool(armed)) if bitmap is None else None
             if known is not None:
-                p.bitmap = known.present.to_bytes(BITMAP_BYTES, "little")
-                p.bitmap_source = "inferred"
+                bitmap, source = known.present.to_bytes(BITMAP_BYTES, "little"), "inferred"
             out.append({
                 "pid": p.pid or None,
                 "comm": p.comm,
@@ -290,11 +292,11 @@ class PmdCorrelator:
                 "scans": sum(verdicts.values()),
                 "verdict": verdicts.most_common(1)[0][0] if verdicts else None,
                 "verdicts": dict(verdicts.most_common()),
-                "bitmap": p.bitmap.hex() if p.bitmap is not None else None,
-                "bitmap_source": p.bitmap_source,
+                "bitmap": bitmap.hex() if bitmap is not None else None,
+                "bitmap_source": source,
                 "bitmap_known": (known.mask.to_bytes(BITMAP_BYTES, "little").hex()
                                  if known is not None else None),
-                "present": bitmap_count(p.bitmap) if p.bitmap is not None else None,
+                "present": bitmap_count(bitmap) if bitmap is not None else None,
                 "bitmaps_seen": len(p.bitmaps_seen),
                 "ptes": p.ptes,
                 "attempts": [{"offset": off, "order": order, "isolate_status": iso, "status": st,

@@ -230,6 +230,8 @@ def test_inferred_bitmap_where_no_source_reads_the_ptes() -> None:
         for lay, data in batches:
             c.add(lay.index, data)
         (p,) = c.records()
+        # live views ask again and again: the inference is never stored as the PMD's bitmap
+        assert c.records() == [p] and c.pmds[(MM, PMD)].bitmap is None
         return p
 
     p = record("0", (col, collapse))
