@@ -1,5 +1,5 @@
-"""The khmon command line on the live kernel: doctor, record -p, report FILE, and a recorder
-killed with SIGKILL."""
+"""The khmon command line on the live kernel: doctor, record -p, report FILE, simulate FILE,
+and a recorder killed with SIGKILL."""
 
 from __future__ import annotations
 
@@ -88,6 +88,19 @@ def test_record_with_pid_filter_then_report(tmp_path: Path, fast_khugepaged: dic
     mine = next(p for p in report["processes"] if p["pid"] == work.pid)
     assert mine["comm"] == "khmon-workload"
     assert mine["collapses"] == done["collapsed_pmds"] == 8
+    # `khmon simulate` on that recording, with its own settings: where function probes saw
+    # the attempts, the v19 model reproduces every pass and the 8 PMD collapses; without
+    # them (pagemap bitmaps alone) it can only predict.
+    sim = subprocess.run([*KHMON, "simulate", str(rec), "--json"], capture_output=True,
+                         text=True)
+    assert sim.returncode == 0, sim.stderr
+    r = json.loads(sim.stdout)
+    if r["attempts_seen"]:
+        assert r["passes"] >= 8 and r["mismatched"] == 0, r["mismatches"][:2]
+        assert r["kernel"]["collapses_by_order"] == r["predicted"]["collapses_by_order"] == {
+            "9": 8}
+    else:
+        assert r["kernel"] is None and r["mismatched"] is None
 
 
 def test_recorder_killed_still_reads(tmp_path: Path, fast_khugepaged: dict) -> None:
