@@ -20,7 +20,10 @@ some PTE of the range is clear, and a refusal by the scan makes no attempt at al
 without attempts are not replayed. The settings are the capture's (its header), so a knob
 changed during a capture makes the inference of later passes unsound; a pass whose attempts
 the walk cannot reproduce (another algorithm, or a result the walk does not follow) gives no
-inference rather than a wrong one.
+inference rather than a wrong one. The replay takes every collapse_huge_page call of the pass
+to have been seen: a collapse record the ring buffer lost (the report's accounting counts it
+under fn_collapse `lost`) makes a passed pre-check look failed, which under max_ptes_none 511
+would pin a range clear that was not.
 """
 
 from __future__ import annotations

@@ -260,8 +260,10 @@ class PmdCorrelator:
             open_pass.close()
         self._open.clear()
 
-    def records(self) -> list[dict[str, Any]]:
-        """PMD records, the ones with the most attempts first."""
+    def records(self, infer_bitmaps: bool = True) -> list[dict[str, Any]]:
+        """PMD records, the ones with the most attempts first. `infer_bitmaps` False when
+        the stream lost collapse or swap-in records: the `inferred` source then says nothing
+        rather than something wrong."""
         self._close_passes()
         uffd = [m for name, m in self.vma_flag_bits.items() if name.startswith("uffd")]
         tp_scans: dict[tuple[int, int], Counter[str]] = defaultdict(Counter)
@@ -277,7 +279,7 @@ class PmdCorrelator:
             # Worked out afresh for each call (live views ask repeatedly), never stored: a
             # later pass must not take a partly known bitmap for its own.
             bitmap, source = p.bitmap, p.bitmap_source
-            known = self._inferred(p, bool(armed)) if bitmap is None else None
+            known = self._inferred(p, bool(armed)) if bitmap is None and infer_bitmaps else None
             if known is not None:
                 bitmap, source = known.present.to_bytes(BITMAP_BYTES, "little"), "inferred"
             out.append({

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 from . import funcprobes
 from .layout import EventLayout, layouts_from_header
-from .pmd import SCAN_PMD, PmdCorrelator
+from .pmd import SCAN_PMD, SWAPIN, PmdCorrelator
 from .recording import Part
 from .sysfs import counter_delta
 from .waste import wasted
@@ -139,7 +139,11 @@ class Aggregator:
         start_counters = h.get("counters", {})
         end_counters = end.get("counters", start_counters)
         window = (end.get("mono_ns", h["start_mono_ns"]) - h["start_mono_ns"]) / 1e9
-        pmds = self.pmds.records()
+        # An attempt the ring buffer lost (or one whose count cannot be placed) would make
+        # the inference pin PTEs wrongly (khmon.infer): then it pins nothing.
+        whole = all(not a["lost"] and not a["unaccounted"] for name, a in accounting.items()
+                    if name in (funcprobes.COLLAPSE, SWAPIN))
+        pmds = self.pmds.records(infer_bitmaps=whole)
         return {
             "kernel": {
                 "release": h["kernel"]["release"],

@@ -228,3 +228,30 @@ def test_kernel_skipped_runs_count_as_lost() -> None:
     r = agg.result()
     assert r["lost_events"] == 5
     assert r["accounting"]["mm_collapse_huge_page"]["missed"] == 3
+
+
+def test_a_lost_collapse_record_turns_the_inference_off() -> None:
+    # 6.1 without the PTE walk, max_ptes_none 0: the one successful (0,9) try pins all 512
+    # PTEs (`inferred`). Had the ring buffer lost a collapse record, a pass could look as if
+    # the walk skipped ranges it tried; the report then infers nothing.
+    from khdata import func_layouts_61
+
+    from khmon.layout import header_events
+
+    lays = func_layouts_61(None)
+    col = by_name(lays)["fn_collapse"]
+    ok = {v: k for k, v in col.fmt.symbols["result"].items()}["succeeded"]
+    header = {**capture_header("6.1", "6.1.0-56-amd64"), "events": header_events(lays),
+              "settings": {"enabled": "madvise", "khugepaged/max_ptes_none": "0"}}
+    data = pack(col.fmt, col.index, ts=200, mm=0x1000, address=0x7F00_0020_0000,
+                duration_ns=100, result=ok, owner_tgid=321, owner_comm=b"wl")
+
+    def pmd(lost: int) -> dict:
+        agg = Aggregator(header, lays)
+        agg.add(Part("R", event=col.index, data=data))
+        agg.add(Part("E", meta=stats_meta({"fn_collapse": 1 + lost}, {"fn_collapse": lost})))
+        (p,) = agg.result()["pmds"]
+        return p
+
+    assert (pmd(0)["bitmap_source"], pmd(0)["bitmap_known"]) == ("inferred", "ff" * 64)
+    assert (pmd(1)["bitmap_source"], pmd(1)["bitmap"]) == (None, None)
