@@ -76,6 +76,11 @@ def merge(known: Iterable[Known | None]) -> Known | None:
     return Known(present & ~both, clear & ~both)
 
 
+def _span(offset: int, order: int) -> int:
+    """The bits of PTEs [offset, offset + 2^order)."""
+    return ((1 << (1 << order)) - 1) << offset
+
+
 class _Observed:
     """A v19_walk run whose answers are the kernel's observed attempts."""
 
@@ -85,16 +90,14 @@ class _Observed:
         self.present = self.clear = 0
 
     def precheck(self, offset: int, order: int, need: int) -> bool:
-        nr = 1 << order
         passed = (self.next < len(self.steps)
                   and self.steps[self.next][:2] == (offset, order))
-        rng = ((1 << nr) - 1) << offset
-        if passed and need >= nr:
+        if passed and need >= 1 << order:
             # at PMD order swap PTEs count as occupied: only a try without swap-in pins them
             if order != PMD_ORDER or not self.steps[self.next][3]:
-                self.present |= rng
+                self.present |= _span(offset, order)
         elif not passed and need <= 1:
-            self.clear |= rng
+            self.clear |= _span(offset, order)
         return passed
 
     def attempt(self, offset: int, order: int) -> str | None:
@@ -104,7 +107,7 @@ class _Observed:
             return result
         if not swapped and collapse_max_ptes_none("v19", self.settings, order,
                                                   self.settings.uffd) == 0:
-            self.present |= ((1 << (1 << order)) - 1) << offset
+            self.present |= _span(offset, order)
         return None
 
     def stop(self, reason: str) -> None:

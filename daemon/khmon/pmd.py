@@ -320,11 +320,13 @@ class PmdCorrelator:
     def _inferred(self, p: _Pmd, uffd: bool) -> infer.Known | None:
         """What the PMD's passes pin of its bitmap (khmon.infer), under the capture's
         settings for this VMA; None when they pin nothing."""
+        unread = [steps for bitmap, steps in p.passes if bitmap is None]
+        if not unread:  # no attempts, or every pass had a bitmap: nothing to work out
+            return None
         mask = self.vma_flag_bits.get("hugepage")
         hugepage = p.vm_flags is None or mask is None or bool(p.vm_flags & mask)
         settings = settings_from_sysfs(self.settings, vma_hugepage=hugepage, uffd=uffd)
-        known = infer.merge(infer.from_pass(steps, settings)
-                            for bitmap, steps in p.passes if bitmap is None)
+        known = infer.merge(infer.from_pass(steps, settings) for steps in unread)
         return known if known is not None and known.mask else None
 
 

@@ -33,7 +33,6 @@ CFLAGS = ["-Wno-macro-redefined", "-Wno-ignored-attributes", "-Wno-duplicate-dec
 POLL_BATCH = 16384  # records taken per poll at most
 # struct khmon_slot (bpf/khmon.bpf.c): the payload's hash, then epoch | excluded | count.
 _EXCLUDED = 1 << 32
-_WAYS = 4  # KHMON_WAYS
 _COUNT_MASK = (1 << 32) - 1
 
 
@@ -69,7 +68,6 @@ class LiveProbes:
         # TCG guest, so every compile saved counts.
         stub = "\nint khmon_kprobe_stub(void *ctx) { return 0; }\n" if with_kprobe_stub else ""
         BPF = _import_bcc()
-        self.cfg = cfg
         self.nr_cpu_ids = nr_cpu_ids()
         # Function probes: fentry/fexit where the kernel loads them, else kprobes, else none
         # (a failed fentry load fails the whole object, so each choice is a compile).
@@ -243,17 +241,17 @@ class LiveProbes:
             except Exception:  # no batch ops on this kernel: one lookup per slot
                 items = table.items()
             used = set()
-            sets_per_cpu = self.cfg.dedup_slots // _WAYS
+            sets_per_cpu = len(table) // self.nr_cpu_ids  # CPU after CPU (bpfgen)
             for k, ways in items:
                 at = int(getattr(k, "value", k))  # batch lookups yield ints
-                cpu, set_index = divmod(at, sets_per_cpu)  # CPU after CPU (bpfgen)
+                cpu, set_index = divmod(at, sets_per_cpu)
                 for way, v in enumerate(ways.w):
                     if not v.fp:
                         continue
                     used.add(at)
                     n = v.ec & _COUNT_MASK
                     if n and not v.ec & _EXCLUDED:
-                        slot = set_index * _WAYS + way
+                        slot = set_index * len(ways.w) + way
                         rec = self.resolver.repeats((lay.index, cpu, slot), now, n)
                         if rec is not None:
                             out[lay.index].append(rec)

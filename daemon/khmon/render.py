@@ -184,15 +184,12 @@ def render_simulation(r: dict[str, Any]) -> str:
     if r["passes_without_bitmap"]:
         lines.append(f"  {r['passes_without_bitmap']} PMDs had attempts but no bitmap for any "
                      "of their passes and were not replayed")
-    p = r["predicted"]
-    if not r["attempts_seen"]:
+    k, p = r["kernel"], r["predicted"]
+    order_keys = sorted({o for t in (k, p) if t for o in (*t["attempts_by_order"],
+                                                           *t["collapses_by_order"])},
+                        key=int, reverse=True)
+    if k is None:  # no function probes: the recording's attempts are unknown
         lines.append("  the recording saw no attempts (no function probes): predictions only")
-    k = r["kernel"] or {"attempts": 0, "attempts_by_order": {}, "collapses_by_order": {},
-                        "bloat_bytes": 0}
-    order_keys = sorted({*k["attempts_by_order"], *p["attempts_by_order"],
-                         *k["collapses_by_order"], *p["collapses_by_order"]}, key=int,
-                        reverse=True)
-    if not r["attempts_seen"]:
         lines += ["", *_table(["order", "predicted attempts", "predicted collapses"],
                               [[o, p["attempts_by_order"].get(o, 0),
                                 p["collapses_by_order"].get(o, 0)] for o in order_keys])]
@@ -212,7 +209,7 @@ def render_simulation(r: dict[str, Any]) -> str:
                  if r["cut_short"] else "")]
     for m in r["mismatches"][:5]:
         lines.append(f"  differs: pid {m['pid'] or '-'} PMD {m['address']}: kernel "
-                     f"{_seq(m['kernel']) if m['kernel'] else 'no attempt'}"
+                     f"{_seq(m['kernel'])}"
                      + (f" (scan: {', '.join(m['verdicts'])})" if m.get("verdicts") else "")
                      + f", predicted {_seq(m['predicted'])}"
                      + (f" (scan refuses: {m['predicted_scan_failure']})"

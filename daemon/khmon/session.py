@@ -22,9 +22,10 @@ from .btf import Btf
 from .errors import EXIT_BAD_INPUT, KhmonError
 from .layout import EventLayout, build_layouts, header_events, is_page_pointer
 from .pagemap import PagemapSampler
+from .pmd import SCAN_PMD
 from .probes import LiveProbes
 from .recording import Part, Writer
-from .report import SCAN_PMD, Aggregator
+from .report import Aggregator
 from .sysfs import read_counters, read_settings
 from .tracefs import read_formats
 

@@ -460,10 +460,10 @@ def replay(pmds: Iterable[Mapping[str, Any]], algo: str, settings: Settings,
             kernel.add_kernel(attempts, present)
             seq_k = [[a["offset"], a["order"]] for a in attempts]
             seq_p = [[a.offset, a.order] for a in out.attempts]
-            ended = _ended_outside_the_model(attempts, pmd.get("verdicts") or {})
             if seq_k == seq_p:
                 matched += 1
-            elif ended is not None and seq_k == seq_p[:len(seq_k)]:
+            elif (seq_k == seq_p[:len(seq_k)] and (ended := _ended_outside_the_model(
+                    attempts, pmd.get("verdicts") or {})) is not None):
                 cut[ended] = cut.get(ended, 0) + 1
             elif len(mismatches) < MAX_MISMATCHES:
                 mismatches.append({
