@@ -44,10 +44,11 @@ EbpfOpt = Annotated[bool, typer.Option("--ebpf", hidden=True,
                                        help="Print the generated BPF C and exit.")]
 RingOpt = Annotated[int, typer.Option("--ringbuf-pages", min=1,
                                       help="Ring buffer size in pages (a power of two).")]
-DedupOpt = Annotated[int, typer.Option("--dedup-slots", min=1,
+# At least one set of 4 ways (bpf/khmon.bpf.c); at most 16 MiB of slots per CPU and event.
+DedupOpt = Annotated[int, typer.Option("--dedup-slots", min=4, max=1 << 20,
                                        help="Dedup slots per CPU for each scan event (a power "
-                                       "of two, 16 bytes each): enough for the PMDs "
-                                       "khugepaged rescans, or repeats are sent again.")]
+                                       "of two, 4 to 1048576, 16 bytes each): enough for the "
+                                       "PMDs khugepaged rescans, or repeats are sent again.")]
 
 
 def _guard(fn: Callable[[], T]) -> T:

@@ -208,6 +208,17 @@ def test_dedup_slots_not_power_of_two() -> None:
     assert "--dedup-slots 1000 is not a power of two" in _one_error_line(p)
 
 
+@pytest.mark.parametrize(("n", "bound"), [("2", "greater than or equal to 4"),
+                                          ("2097152", "less than or equal to 1048576")])
+def test_dedup_slots_out_of_range(n: str, bound: str) -> None:
+    """Below one 4-way set the BPF table would have no sets; above 2^20 its allocation fails:
+    either way a usage error naming the bound, not a BPF load failure."""
+    p = khmon("report", "--live", "--dedup-slots", n)
+    assert p.returncode == 2
+    line = _one_error_line(p)
+    assert "--dedup-slots" in line and bound in line
+
+
 def _pmd_recording(tmp_path: Path) -> Path:
     """A 7.2 recording of one PMD, PTEs 0..255 present, collapsed at order 9 in 1.5 us."""
     from khdata import func_layouts_72
