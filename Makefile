@@ -43,7 +43,7 @@ lint: setup
 
 bench: setup
 	$(PY) bench/replay.py
-	$(PY) bench/overhead.py
+	$(PY) bench/overhead.py --pin auto
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
