@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import khmon.session
-from khmon.sysfs import KHUGEPAGED, override
+from khmon.sysfs import KHUGEPAGED, khugepaged_pid, override
 
 KNOBS = {
     "enabled": "madvise",
@@ -81,15 +81,6 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 def full_scans() -> int:
     return int((KHUGEPAGED / "full_scans").read_text())
-
-
-def khugepaged_pid() -> int | None:
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            with contextlib.suppress(OSError):
-                if (p / "comm").read_text().strip() == "khugepaged":
-                    return int(p.name)
-    return None
 
 
 def cpu_ticks(pid: int | None) -> int:
@@ -118,6 +109,18 @@ def hugepage_users(exclude: set[int]) -> list[str]:
         if n:
             with contextlib.suppress(OSError):
                 out.append(f"{p.name}:{(p / 'comm').read_text().strip()}({n} VMAs)")
+    return out
+
+
+def ancestors() -> set[int]:
+    """This process and the ones that started it (a test run, a shell): not "other" runs."""
+    out, pid = set(), os.getpid()
+    while pid > 1 and pid not in out:
+        out.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
     return out
 
 
@@ -609,8 +612,9 @@ def main(argv: list[str] | None = None) -> int:
     work: Workload | None = None
     # Other users first (a live test run changes the same knobs): wait before touching any,
     # and refuse to start while one runs (we would save its temporary values, then restore them).
-    wait_quiet({os.getpid()}, args.quiet_timeout)
-    running = other_khmon({os.getpid()})
+    mine = ancestors()
+    wait_quiet(mine, args.quiet_timeout)
+    running = other_khmon(mine)
     if running:
         print(f"refusing to start: other khmon runs change the same knobs: {', '.join(running)}",
               file=sys.stderr)
@@ -620,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"knobs set: {KNOBS} (saved, restored at exit: {saved})")
         try:
             work = Workload(args.pmds)
-            exclude = {os.getpid(), work.pid}
+            exclude = mine | {work.pid}
             ctx = Context(args.window, kh_pid, exclude)
             print(f"workload pid {work.pid}: {args.pmds} PMDs x 2 MiB, one page each; "
                   f"khugepaged pid {kh_pid}")

@@ -74,6 +74,7 @@ def _header(layouts: list[EventLayout]) -> dict:
     cap.owner = owner_offsets(Btf.from_kernel())
     cap.start_counters = read_counters()
     cap.vma_flags = {}
+    cap.pages = None  # no pagemap parts in a synthetic stream
     cap.probes = SimpleNamespace(attached=dict.fromkeys(lay.name for lay in layouts),
                                  func_mode=None, func_errors={})
     return cap.header()

@@ -35,6 +35,17 @@ def _size_dirs(thp: Path) -> list[Path]:
     return sorted(dirs, key=lambda d: int(d.name[len("hugepages-"):-2]))
 
 
+def khugepaged_pid(proc: Path = Path("/proc")) -> int | None:
+    """The pid of the khugepaged kernel thread (None while THP is off: the thread is started
+    and stopped with `enabled`, so its pid changes across such switches)."""
+    for p in proc.iterdir():
+        if p.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (p / "comm").read_text().strip() == "khugepaged":
+                    return int(p.name)
+    return None
+
+
 def read_counters(thp: Path = THP, vmstat: Path = VMSTAT) -> dict[str, int]:
     """Every THP counter the kernel exposes, by name.
 

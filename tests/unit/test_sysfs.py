@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 from khmon.errors import KhmonError
-from khmon.sysfs import counter_delta, override, read_counters, read_settings, selected
+from khmon.sysfs import (
+    counter_delta,
+    khugepaged_pid,
+    override,
+    read_counters,
+    read_settings,
+    selected,
+)
 
 # The shapes of the real files (6.18 host / 7.2 guest), with made-up numbers.
 TREE = {
@@ -157,3 +164,15 @@ def test_override_write_failure(thp: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert "cannot write '0'" in str(e.value) and "Permission denied" in str(e.value)
     assert _text(thp, "enabled") == "madvise"
     assert _text(thp, "khugepaged/max_ptes_none") == "511"
+
+
+def test_khugepaged_pid(tmp_path: Path) -> None:
+    """The kernel thread by its comm; entries that vanish or are not processes are skipped."""
+    for pid, comm in ((1, "systemd"), (57, "khugepaged"), (90, "khugepaged-x")):
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "comm").write_text(comm + "\n")
+    (tmp_path / "self").mkdir()
+    (tmp_path / "200").mkdir()  # exited between listing and reading: no comm
+    assert khugepaged_pid(tmp_path) == 57
+    (tmp_path / "57" / "comm").unlink()
+    assert khugepaged_pid(tmp_path) is None

@@ -1,0 +1,51 @@
+"""The benchmarks still run, and leave the machine as they found it.
+
+`make bench` is not part of the test command, so a change to the capture or the header once
+broke bench/replay.py unnoticed. These run each benchmark briefly and check what it must
+get right whatever the speed: it exits 0, prints its numbers, and the overhead benchmark
+restores the khugepaged and THP knobs and khugepaged's CPU affinity, and khmon's capture in
+it loses nothing uncounted. No assertion here is about speed (benchmarks print numbers;
+timed tests would only measure this machine's noise).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from khmon import sysfs
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _bench(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_replay_benchmark_runs() -> None:
+    p = _bench("bench/replay.py", "--events", "20000", "--rounds", "1", timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert re.search(r"^replay \(Reader \+ Aggregator \+ report\): best [\d,]+ events/s",
+                     p.stdout, re.M), p.stdout
+    assert re.search(r"^target >= 1,000,000 events/s: (MET|MISSED)$", p.stdout, re.M)
+
+
+def test_overhead_benchmark_runs_and_restores() -> None:
+    before, kh = sysfs.read_settings(), sysfs.khugepaged_pid()
+    assert kh is not None, "no khugepaged thread"
+    affinity = os.sched_getaffinity(kh)
+    p = _bench("bench/overhead.py", "--rounds", "1", "--window", "1", "--pmds", "256",
+               "--modes", "none,khmon", "--no-bpf-stats", "--pin", "auto",
+               "--quiet-timeout", "0", timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
+    assert sysfs.read_settings() == before
+    assert os.sched_getaffinity(kh) == affinity
+    assert "per pinned CPU" in p.stdout
+    # Every event khmon's probes saw was recorded or counted lost (the capture's own proof).
+    hit = re.search(r"lost over whole captures: (\d+), unaccounted: (\d+)", p.stdout)
+    assert hit, p.stdout[-3000:]
+    assert hit.group(2) == "0"
