@@ -49,3 +49,15 @@ def test_overhead_benchmark_runs_and_restores() -> None:
     hit = re.search(r"lost over whole captures: (\d+), unaccounted: (\d+)", p.stdout)
     assert hit, p.stdout[-3000:]
     assert hit.group(2) == "0"
+
+
+def test_bitmap_cost_benchmark_runs() -> None:
+    """Where the kernel refuses function probes (the host) it times the user-space sources
+    and says why the BPF ones are missing; in the guests it times those too."""
+    before = sysfs.read_settings()
+    p = _bench("bench/bitmap_cost.py", "--pmds", "4", timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
+    assert re.search(r"^pagemap \(user space\): [\d.]+ us per PMD", p.stdout, re.M), p.stdout
+    assert re.search(r"^ptwalk / kernel(: no function probes| \((kfunc|kprobe)\): \d+ PMD records)",
+                     p.stdout, re.M), p.stdout
+    assert sysfs.read_settings() == before
