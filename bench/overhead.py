@@ -113,9 +113,10 @@ def hugepage_users(exclude: set[int]) -> list[str]:
 
 
 def ancestors() -> set[int]:
-    """This process and the ones that started it (a test run, a shell): not "other" runs."""
+    """This process and the ones that started it, up to init (a test run, a shell, a guest's
+    init under tests/vm, whose command line names khmon's cache): not "other" runs."""
     out, pid = set(), os.getpid()
-    while pid > 1 and pid not in out:
+    while pid >= 1 and pid not in out:
         out.add(pid)
         try:
             pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
