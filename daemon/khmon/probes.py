@@ -25,6 +25,7 @@ from .bpfgen import OwnerOffsets, ProbeConfig, generate
 from .dedup import Resolver
 from .errors import KhmonError
 from .layout import EVENT_INDEX_OFFSET, EventLayout
+from .sysfs import KHUGEPAGED
 from .tracefs import SYSTEM
 
 # Kernel headers of another version than the running one warn in ways that do not matter:
@@ -164,6 +165,8 @@ class LiveProbes:
     def _attach_func(self, lay: EventLayout) -> None:
         f = lay.func
         if self.func_mode == "kfunc":
+            if (why := trampoline_would_block()) is not None:  # set to 0 since the compile
+                raise RuntimeError(why)
             self.bpf.attach_kfunc(fn_name=self._kfunc_name(f.func))
             if f.exit:
                 self.bpf.attach_kretfunc(fn_name=self._kfunc_name(f.func, exit_=True))
@@ -359,6 +362,24 @@ _EXPECTED_ATTACH_TYPE_AT, _ATTACH_BTF_ID_AT = 68, 108
 _RETURN_0 = bytes.fromhex("b700000000000000" "9500000000000000")  # r0 = 0; exit
 
 
+def trampoline_would_block(khugepaged: Path = KHUGEPAGED) -> str | None:
+    """Why attaching or detaching an fentry/fexit program now could hang khmon, or None.
+    The BPF trampoline is patched only after an RCU-tasks grace period, which ends when
+    every task has slept once (a voluntary switch; a preemption does not count). With
+    scan_sleep_millisecs 0, khugepaged never sleeps while it has mm's to scan (it only
+    calls cond_resched()), so the attach waits, unkillable, for as long as that lasts: seen
+    for over 15 minutes in the 6.1 guest. Kprobes do not wait for it."""
+    try:
+        sleep_ms = (khugepaged / "scan_sleep_millisecs").read_text().strip()
+    except OSError:
+        return None
+    if sleep_ms != "0":
+        return None
+    return ("khugepaged/scan_sleep_millisecs is 0: khugepaged never sleeps while it has work, "
+            "and attaching fentry waits until every task has slept once (an RCU-tasks grace "
+            "period), so it would block until khugepaged sleeps (kprobes do not wait for it)")
+
+
 def fentry_refusal(func: str, btf_id: int | None, fexit: bool = False) -> str | None:
     """Load and attach a two-instruction fentry program on `func` (its BTF type id), and with
     `fexit` an fexit one, through the bpf syscall: None if the kernel allowed them, else the
@@ -368,6 +389,8 @@ def fentry_refusal(func: str, btf_id: int | None, fexit: bool = False) -> str | 
     compile the kernel then refuses anyway is remembered by _Refusals."""
     if btf_id is None:
         return f"{func} is not in the kernel's BTF"
+    if (why := trampoline_would_block()) is not None:
+        return why
     kinds = [("fentry", _BPF_TRACE_FENTRY)] + ([("fexit", _BPF_TRACE_FEXIT)] if fexit else [])
     return next((err for kind, attach_type in kinds
                  if (err := _trace_trial(func, btf_id, kind, attach_type)) is not None), None)
