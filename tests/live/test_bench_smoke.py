@@ -34,17 +34,27 @@ def test_replay_benchmark_runs() -> None:
     assert re.search(r"^target >= 1,000,000 events/s: (MET|MISSED)$", p.stdout, re.M)
 
 
+# In the QEMU/TCG guests (tests/vm/run.sh sets this), attaching or detaching probes while
+# khugepaged scans flat out races TCG's handling of code patched under a running vCPU: the
+# 6.1 guest's khugepaged oopsed calling a half-patched static call (RIP 0), as the 7.2 guest
+# once did on an int3. There the benchmark runs without its khmon windows; on the host, in
+# CI, with them.
+UNDER_TCG = os.environ.get("KHMON_TCG_GUEST") == "1"
+
+
 def test_overhead_benchmark_runs_and_restores() -> None:
     before, kh = sysfs.read_settings(), sysfs.khugepaged_pid()
     assert kh is not None, "no khugepaged thread"
     affinity = os.sched_getaffinity(kh)
     p = _bench("bench/overhead.py", "--rounds", "1", "--window", "1", "--pmds", "256",
-               "--modes", "none,khmon", "--no-bpf-stats", "--pin", "auto",
-               "--quiet-timeout", "0", timeout=900)
+               "--modes", "none" if UNDER_TCG else "none,khmon", "--no-bpf-stats",
+               "--pin", "auto", "--quiet-timeout", "0", timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
     assert sysfs.read_settings() == before
     assert os.sched_getaffinity(kh) == affinity
     assert "per pinned CPU" in p.stdout
+    if UNDER_TCG:
+        return
     # Every event khmon's probes saw was recorded or counted lost (the capture's own proof).
     hit = re.search(r"lost over whole captures: (\d+), unaccounted: (\d+)", p.stdout)
     assert hit, p.stdout[-3000:]

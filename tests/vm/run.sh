@@ -107,6 +107,7 @@ grep -qs ' /sys/kernel/tracing tracefs ' /proc/mounts || mount -t tracefs nodev 
 cd $repo_q || { echo '$PROG (guest): cannot cd to $repo_q' >&2; exit 125; }
 : > $marker_q
 exec 2>&1
+export KHMON_TCG_GUEST=1
 $CMD"
 
 vng_args=(
