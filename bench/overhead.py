@@ -59,7 +59,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import khmon.session
+from khmon.bpfgen import ProbeConfig
+from khmon.report import Aggregator
+from khmon.session import LiveCapture
 from khmon.sysfs import KHUGEPAGED, khugepaged_pid, override
 
 KNOBS = {
@@ -83,12 +85,18 @@ def full_scans() -> int:
     return int((KHUGEPAGED / "full_scans").read_text())
 
 
+def stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat after the comm (which may hold spaces and parentheses): the state is
+    [0], the parent pid [1], utime and stime [11] and [12]. Raises OSError once it exits."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def cpu_ticks(pid: int | None) -> int:
     """utime + stime of a task, in clock ticks (0 when unknown)."""
     if pid is None:
         return 0
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = stat_fields(pid)
     except OSError:
         return 0
     return int(fields[11]) + int(fields[12])
@@ -119,7 +127,7 @@ def ancestors() -> set[int]:
     while pid >= 1 and pid not in out:
         out.add(pid)
         try:
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            pid = int(stat_fields(pid)[1])
         except (OSError, IndexError, ValueError):
             break
     return out
@@ -296,13 +304,11 @@ def run_bpftrace(ctx: Context, w: Window) -> None:
             proc.wait()
 
 
-def attached_capture() -> khmon.session.LiveCapture:
+def attached_capture() -> LiveCapture:
     """khmon's LiveCapture with its default configuration, refused unless the scan program
     attached: a capture goes on without a tracepoint it could not attach (doctor and the
     report say so), which here would measure a khmon that traces nothing."""
-    from khmon.bpfgen import ProbeConfig
-
-    cap = khmon.session.LiveCapture(ProbeConfig())
+    cap = LiveCapture(ProbeConfig())
     why = cap.probes.attached.get(TRACEPOINT, "absent")
     if why is not None:
         cap.probes.close()
@@ -312,8 +318,6 @@ def attached_capture() -> khmon.session.LiveCapture:
 
 def run_khmon(ctx: Context, w: Window) -> None:
     """khmon as `khmon report --live` runs it: LiveCapture parts into an Aggregator."""
-    from khmon.report import Aggregator
-
     cap = attached_capture()
     header = cap.header()
     agg = Aggregator(header)
@@ -401,8 +405,6 @@ def prog_stats(ids: list[int]) -> tuple[int, int]:
 
 
 def cost_khmon(seconds: float) -> tuple[int, int]:
-    from khmon.report import Aggregator
-
     cap = attached_capture()
     header = cap.header()
     agg = Aggregator(header)
