@@ -67,7 +67,7 @@ def test_bitmap_cost_benchmark_runs() -> None:
     before = sysfs.read_settings()
     p = _bench("bench/bitmap_cost.py", "--pmds", "4", timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
-    assert re.search(r"^pagemap \(user space\): [\d.]+ us per PMD", p.stdout, re.M), p.stdout
-    assert re.search(r"^ptwalk / kernel(: no function probes| \((kfunc|kprobe)\): \d+ PMD records)",
+    assert re.search(r"^pagemap \(user space\): [\d,.]+ us per PMD", p.stdout, re.M), p.stdout
+    assert re.search(r"^ptwalk / kernel(: no function probes| \((kfunc|kprobe)\): [\d,]+ PMD records)",
                      p.stdout, re.M), p.stdout
     assert sysfs.read_settings() == before
