@@ -606,11 +606,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown modes: {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
 
-    kh_pid = khugepaged_pid()
-    if cpus != [None] and kh_pid is None:
-        print("--pin: no khugepaged thread found", file=sys.stderr)
-        return 1
-    kh_affinity = os.sched_getaffinity(kh_pid) if kh_pid is not None else set()
     windows: list[Window] = []
     work: Workload | None = None
     # Other users first (a live test run changes the same knobs): wait before touching any,
@@ -625,6 +620,13 @@ def main(argv: list[str] | None = None) -> int:
     aborted = None
     with override(KNOBS) as saved:
         print(f"knobs set: {KNOBS} (saved, restored at exit: {saved})")
+        # Looked up only now: the thread exists only while THP is enabled, and setting
+        # `enabled` (never -> madvise) starts a new one.
+        kh_pid = khugepaged_pid()
+        if cpus != [None] and kh_pid is None:
+            print("--pin: no khugepaged thread found", file=sys.stderr)
+            return 1
+        kh_affinity = os.sched_getaffinity(kh_pid) if kh_pid is not None else set()
         try:
             work = Workload(args.pmds)
             exclude = mine | {work.pid}
