@@ -454,7 +454,7 @@ def pinned_cpus(spec: str | None) -> list[int | None]:
         return [None]
     usable = sorted(os.sched_getaffinity(0))
     if spec == "all":
-        return list(usable)
+        return usable
     if spec == "auto":  # where bpftrace's perf event is (CPU 0), and a CPU without one
         return sorted({usable[0], usable[-1]})
     try:
@@ -464,7 +464,7 @@ def pinned_cpus(spec: str | None) -> list[int | None]:
     bad = sorted(set(cpus) - set(usable))
     if bad or not cpus:
         raise ValueError(f"not CPUs of this machine: {bad or spec!r} (online: {usable})")
-    return list(cpus)
+    return cpus
 
 
 def wait_quiet(exclude: set[int], timeout: float) -> list[str]:
@@ -592,6 +592,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"--pin {args.pin}: {e}", file=sys.stderr)
         return 2
+    pinned = cpus != [None]
     # SIGTERM (timeout, kill) unwinds like Ctrl-C, so the knobs are restored and the workload
     # killed by the finally blocks below.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -623,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
         # Looked up only now: the thread exists only while THP is enabled, and setting
         # `enabled` (never -> madvise) starts a new one.
         kh_pid = khugepaged_pid()
-        if cpus != [None] and kh_pid is None:
+        if pinned and kh_pid is None:
             print("--pin: no khugepaged thread found", file=sys.stderr)
             return 1
         kh_affinity = os.sched_getaffinity(kh_pid) if kh_pid is not None else set()
@@ -676,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if work is not None:
                 work.kill()
-            if cpus != [None]:
+            if pinned:
                 os.sched_setaffinity(kh_pid, kh_affinity)
     print(f"\nknobs restored: {', '.join(f'{k}={v}' for k, v in saved.items())}")
     if aborted:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from khmon import probes
 from khmon.probes import _Refusals, trampoline_would_block
 
 PROG = ("KFUNC_PROBE(collapse_huge_page)\n{\n    u32 ev = 8;\n"
@@ -46,8 +47,6 @@ def test_no_fentry_while_khugepaged_never_sleeps(tmp_path: Path, sleep_ms: str |
 
 
 def test_fentry_trial_not_made_while_it_would_block(monkeypatch: pytest.MonkeyPatch) -> None:
-    import khmon.probes as probes
-
     def no_trial(*_a: object) -> str:
         raise AssertionError("the trial attach would hang")
 
