@@ -11,8 +11,8 @@ configuration:
 It prints, per BPF program, calls and mean ns per call (run_time_ns / run_cnt), and how many
 PMD records got a bitmap. The two user-space sources are timed first, on any kernel (the
 host included): `pagemap`, reading one PMD's 512 pagemap entries and the kpageflags of its
-pages (khmon.pagemap.read_pmd) on this process's own memory, and `inferred`, replaying one
-pass's attempts through the v19 walk (khmon.infer.from_pass), for a one-attempt pass and for
+pages (khmon.kernel.pagemap.read_pmd) on this process's own memory, and `inferred`, replaying one
+pass's attempts through the v19 walk (khmon.model.infer.from_pass), for a one-attempt pass and for
 the 63-attempt pass of a userfaultfd-armed PMD. The cost of a BPF source is the difference
 of its program's ns/call between configurations, read side by side from one run. Under TCG
 the numbers are emulated time: compare them with each other, not with a real machine.
@@ -28,13 +28,13 @@ import sys
 import time
 from pathlib import Path
 
-from khmon import infer
-from khmon.bpfgen import ProbeConfig
+from khmon.capture.bpfgen import ProbeConfig
+from khmon.capture.live import LiveCapture, capture
 from khmon.geometry import PAGE, PMD_SIZE
-from khmon.pagemap import read_pmd
-from khmon.session import LiveCapture, capture
-from khmon.simulate import Settings, simulate
-from khmon.sysfs import override
+from khmon.kernel.pagemap import read_pmd
+from khmon.kernel.sysfs import override
+from khmon.model import infer
+from khmon.model.khugepaged import Settings, simulate
 from khmon.workload import Workloads, pattern_bits
 
 BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")

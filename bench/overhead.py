@@ -9,7 +9,7 @@ restored and the workload killed on the way out, whatever happens.
 
 Measured, in alternating rounds (the order rotates every round), over a fixed window each:
   none      nothing attached
-  khmon     an in-process khmon.session.LiveCapture, its parts consumed by a report
+  khmon     an in-process khmon.capture.live.LiveCapture, its parts consumed by a report
             Aggregator exactly as `khmon report --live` does
   bpftrace  bpftrace -e 'tracepoint:huge_memory:mm_khugepaged_scan_pmd { @ = count(); }'
 Each window starts once the tracer is attached (and has settled for a second).
@@ -59,10 +59,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from khmon.bpfgen import ProbeConfig
-from khmon.report import Aggregator
-from khmon.session import LiveCapture
-from khmon.sysfs import KHUGEPAGED, khugepaged_pid, override
+from khmon.capture.bpfgen import ProbeConfig
+from khmon.capture.live import LiveCapture
+from khmon.kernel.sysfs import KHUGEPAGED, khugepaged_pid, override
+from khmon.model.model import Aggregator
 
 KNOBS = {
     "enabled": "madvise",

@@ -1,8 +1,8 @@
 """Replay throughput: how fast `khmon report FILE` decodes and aggregates a recording.
 
 What it does: builds, in a temporary directory, a recording of EVENTS events (default
-1,000,000) in the running kernel's real record formats (khmon.tracefs.read_formats +
-khmon.layout.build_layouts, header as session.LiveCapture.header() writes it). Records are
+1,000,000) in the running kernel's real record formats (khmon.kernel.tracefs.read_formats +
+khmon.stream.layout.build_layouts, header as session.LiveCapture.header() writes it). Records are
 packed with each layout's own struct: mostly mm_khugepaged_scan_pmd with a mix of statuses
 and owner processes, plus some mm_collapse_huge_page(_isolate) events; every record has
 count=1, so records == events. Then, ROUNDS times, each round in a fresh child process, it
@@ -40,15 +40,15 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from khmon.bpfgen import ProbeConfig
-from khmon.btf import Btf
-from khmon.layout import EventLayout, build_layouts
-from khmon.recording import Part, Reader, Writer
-from khmon.render import render_report
-from khmon.report import Aggregator
-from khmon.session import LiveCapture, owner_offsets
-from khmon.sysfs import read_counters
-from khmon.tracefs import read_formats
+from khmon.capture.bpfgen import ProbeConfig
+from khmon.capture.live import LiveCapture, owner_offsets
+from khmon.kernel.btf import Btf
+from khmon.kernel.sysfs import read_counters
+from khmon.kernel.tracefs import read_formats
+from khmon.model.model import Aggregator
+from khmon.outputs.text import render_report
+from khmon.stream.layout import EventLayout, build_layouts
+from khmon.stream.recording import Part, Reader, Writer
 
 TARGET = 1_000_000
 BATCH = 4096  # records per R part (a 100 ms poll at ~40k records/s)

@@ -18,11 +18,11 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from . import __version__
-from .bpfgen import ProbeConfig
+from .capture.bpfgen import ProbeConfig
 from .errors import EXIT_BAD_INPUT, EXIT_FAIL, KhmonError
-from .recording import Reader
-from .render import render_report, render_simulation
-from .report import Aggregator
+from .model.model import Aggregator
+from .outputs.text import render_report, render_simulation
+from .stream.recording import Reader
 
 app = typer.Typer(
     add_completion=False,
@@ -88,7 +88,7 @@ class _StopFlag:
 def _capture(cfg: ProbeConfig, duration: float | None, out: Path | None,
              should_stop: Callable[[], bool], progress: bool) -> tuple[Aggregator, list[str]]:
     """session.capture with a progress line on stderr every 5 s."""
-    from .session import capture
+    from .capture.live import capture
 
     last = [0.0]
 
@@ -263,7 +263,7 @@ def simulate(
     """
     from dataclasses import replace
 
-    from . import simulate as sim
+    from .model import khugepaged as sim
 
     def body() -> None:
         if algo not in sim.ALGORITHMS:
@@ -305,7 +305,7 @@ def demo(
     For the run it sets THP enabled=madvise, khugepaged scan_sleep_millisecs=100 and
     max_ptes_none=255, and restores every knob afterwards.
     """
-    from .sysfs import override
+    from .kernel.sysfs import override
     from .workload import Workloads
 
     def body() -> None:
@@ -360,10 +360,10 @@ def _demo_story(r: dict, runs: list[dict], pmds: int) -> str:
 
 
 def _generated_c(cfg: ProbeConfig) -> str:
-    from .bpfgen import generate
-    from .btf import Btf
-    from .probes import nr_cpu_ids
-    from .session import kernel_layouts, owner_offsets
+    from .capture.bpfgen import generate
+    from .capture.live import kernel_layouts, owner_offsets
+    from .capture.loader import nr_cpu_ids
+    from .kernel.btf import Btf
 
     btf = Btf.from_kernel()
     # As LiveProbes compiles it first: function probes as fentry/fexit.

@@ -13,14 +13,14 @@ import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import ptwalk
-from .bpfgen import ProbeConfig
-from .btf import Btf
+from .capture import ptwalk
+from .capture.bpfgen import ProbeConfig
+from .capture.live import owner_offsets
+from .capture.plan import kallsyms_text
 from .errors import KhmonError
-from .funcprobes import kallsyms_text
-from .session import owner_offsets
-from .sysfs import THP, read_settings, selected
-from .tracefs import khugepaged_events, read_format, tracefs_root
+from .kernel.btf import Btf
+from .kernel.sysfs import THP, read_settings, selected
+from .kernel.tracefs import khugepaged_events, read_format, tracefs_root
 
 # Per-PMD entry points across kernels: collapse_single_pmd (7.2), hpage_collapse_scan_pmd
 # (6.1-6.18), collapse_scan_pmd (the mTHP series renamed it; inlined on 7.2).
@@ -167,8 +167,8 @@ def _tier_summary(t: dict[str, bool]) -> list[Check]:
 def _trials(btf: Btf | None, syms: set[str]) -> list[Check]:
     """Load and attach for real: the live-capture program (with a kprobe stub riding along),
     then a two-instruction fentry program through the bpf syscall."""
-    from .probes import fentry_refusal
-    from .session import LiveCapture
+    from .capture.live import LiveCapture
+    from .capture.loader import fentry_refusal
 
     out = []
     target = next((f for f in PMD_FUNCS if (btf and btf.has_func(f)) or f in syms), None)

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 
 from .geometry import PAGE, PMD_SIZE, PTES
-from .sysfs import KHUGEPAGED
+from .kernel.sysfs import KHUGEPAGED
 
 COMM = b"khmon-workload"
 PR_SET_NAME = 15

@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from khmon import sysfs
-from khmon.bpfgen import ProbeConfig
-from khmon.session import LiveCapture, capture
+from khmon.capture.bpfgen import ProbeConfig
+from khmon.capture.live import LiveCapture, capture
+from khmon.kernel import sysfs
 from khmon.workload import Workloads
 
 IN_CI = os.environ.get("CI") == "true"

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from khmon import sysfs
+from khmon.kernel import sysfs
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from khmon.session import LiveCapture
+from khmon.capture.live import LiveCapture
 
 pytestmark = pytest.mark.live
 

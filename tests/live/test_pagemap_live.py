@@ -22,8 +22,8 @@ from contextlib import contextmanager
 
 import pytest
 
-from khmon import sysfs
-from khmon.pagemap import PfnIndex, read_pmd
+from khmon.kernel import sysfs
+from khmon.kernel.pagemap import PfnIndex, read_pmd
 from khmon.workload import pattern_bits
 
 pytestmark = pytest.mark.live
@@ -33,7 +33,7 @@ ZEROS = b"\x00" * 64
 
 
 def expected_bitmap(bits: list[bool]) -> bytes:
-    """PTE i -> bit i % 8 of byte i // 8, computed here rather than by khmon.pagemap."""
+    """PTE i -> bit i % 8 of byte i // 8, computed here rather than by khmon.kernel.pagemap."""
     out = bytearray(64)
     for i, present in enumerate(bits):
         if present:

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from khmon.session import LiveCapture
+from khmon.capture.live import LiveCapture
 from khmon.workload import PMD_SIZE, pattern_bits
 
 pytestmark = pytest.mark.live

@@ -8,7 +8,7 @@
   scan itself refuses such a VMA: both sides are 0.
 - The model: the kernel's own passes over workload PMDs of known patterns, replayed through
   simulate's v19 walk with the settings the capture recorded, must match attempt for attempt.
-- The `inferred` source: what each of those passes' attempts pins of the bitmap (khmon.infer)
+- The `inferred` source: what each of those passes' attempts pins of the bitmap (khmon.model.infer)
   never contradicts the bitmap the kernel (or the PTE walk) read for that pass, and a full
   PMD collapsed under max_ptes_none 0 is pinned whole.
 On a kernel without function probes there are no PMD records, and the report says why.
@@ -20,8 +20,10 @@ from dataclasses import replace
 
 import pytest
 
-from khmon import infer, simulate, sysfs
-from khmon.session import LiveCapture
+from khmon.capture.live import LiveCapture
+from khmon.kernel import sysfs
+from khmon.model import infer
+from khmon.model import khugepaged as simulate
 from khmon.workload import PMD_SIZE
 
 pytestmark = pytest.mark.live

@@ -1,7 +1,7 @@
 """Shared fixtures for the unit tests: the kernels' real format files, and a record packer.
 
 The packer writes records byte by byte from the format file's own offsets and sizes, and the
-64-byte header from a hand-written struct string, so it shares no code with khmon.layout:
+64-byte header from a hand-written struct string, so it shares no code with khmon.stream.layout:
 a test that packs with this and unpacks with khmon checks khmon against the kernel's layout.
 """
 
@@ -10,9 +10,9 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from khmon.btf import Scalar
-from khmon.layout import EventLayout, build_layouts, header_events
-from khmon.tpformat import EventFormat, parse_format
+from khmon.kernel.btf import Scalar
+from khmon.kernel.tpformat import EventFormat, parse_format
+from khmon.stream.layout import EventLayout, build_layouts, header_events
 
 DATA = Path(__file__).parent / "data"
 FORMATS = DATA / "formats"
@@ -164,7 +164,7 @@ class FakeBtf72(FakeBtf):
 
 def func_layouts_72() -> list[EventLayout]:
     """7.2's tracepoint layouts followed by its function-probe layouts (fentry mode)."""
-    from khmon import funcprobes
+    from khmon.capture import plan as funcprobes
     tps = layouts("7.2")
     status = by_name(tps)["mm_collapse_huge_page"].fmt.symbols["status"]
     return tps + funcprobes.layouts(funcprobes.plan(FakeBtf72(FUNCS_72), set(FUNCS_72)),
@@ -173,7 +173,7 @@ def func_layouts_72() -> list[EventLayout]:
 
 def func_layouts_61(ptw) -> list[EventLayout]:
     """6.1's tracepoint layouts followed by its function-probe layouts, with the PTE walk."""
-    from khmon import funcprobes
+    from khmon.capture import plan as funcprobes
     tps = layouts("6.1")
     status = by_name(tps)["mm_collapse_huge_page"].fmt.symbols["status"]
     return tps + funcprobes.layouts(funcprobes.plan(FakeBtf(FUNCS_61), set(FUNCS_61), ptw),

@@ -7,7 +7,7 @@ import re
 import pytest
 from khdata import event_names, func_layouts_72, layouts
 
-from khmon.bpfgen import OwnerOffsets, ProbeConfig, generate, template
+from khmon.capture.bpfgen import OwnerOffsets, ProbeConfig, generate, template
 
 EVENTS_6_18 = ["mm_collapse_huge_page", "mm_collapse_huge_page_isolate",
                "mm_collapse_huge_page_swapin", "mm_khugepaged_collapse_file",

@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from khmon.btf import Btf, Scalar
+from khmon.kernel.btf import Btf, Scalar
 
 INT, PTR, STRUCT, UNION, FUNC, FUNC_PROTO, TYPEDEF = 1, 2, 4, 5, 12, 13, 8
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from khdata import by_name, capture_header, layouts, pack, stats_meta
 
-from khmon.recording import Part, Writer
+from khmon.stream.recording import Part, Writer
 
 _SCRIPT = Path(sys.executable).parent / "khmon"
 KHMON = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-c",
@@ -223,7 +223,7 @@ def _pmd_recording(tmp_path: Path) -> Path:
     """A 7.2 recording of one PMD, PTEs 0..255 present, collapsed at order 9 in 1.5 us."""
     from khdata import func_layouts_72
 
-    from khmon.layout import header_events
+    from khmon.stream.layout import header_events
 
     lays = func_layouts_72()
     col = by_name(lays)["fn_collapse"]
@@ -289,7 +289,7 @@ def test_simulate_a_pagemap_recording_predicts_only(tmp_path: Path) -> None:
     # `simulate` answers what v19 would do with mTHP orders on that real bitmap.
     from khdata import layouts
 
-    from khmon.layout import header_events
+    from khmon.stream.layout import header_events
 
     lays = layouts("6.18")
     sp = by_name(lays)["mm_khugepaged_scan_pmd"]

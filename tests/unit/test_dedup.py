@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from khdata import HDR, by_name, layouts, pack
 
-from khmon.dedup import Resolver
-from khmon.layout import DEDUP_FLUSH, DEDUP_INSTALL, HEADER_SIZE
+from khmon.capture.ringbuf import Resolver
+from khmon.stream.layout import DEDUP_FLUSH, DEDUP_INSTALL, HEADER_SIZE
 
 SCAN = by_name(layouts("6.18"))["mm_khugepaged_scan_pmd"]
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from khdata import FUNCS_61, FUNCS_72, FakeBtf, FakeBtf72, layouts
 
-from khmon.bpfgen import OwnerOffsets, ProbeConfig, generate
-from khmon.funcprobes import COLLAPSE, PMD_SCAN, Capture, plan
-from khmon.funcprobes import layouts as func_layouts
-from khmon.ptwalk import PtWalkPlan
+from khmon.capture.bpfgen import OwnerOffsets, ProbeConfig, generate
+from khmon.capture.plan import COLLAPSE, PMD_SCAN, Capture, plan
+from khmon.capture.plan import layouts as func_layouts
+from khmon.capture.ptwalk import PtWalkPlan
 
 
 def test_plan_on_6_1() -> None:

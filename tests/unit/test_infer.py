@@ -8,8 +8,8 @@ import random
 from test_simulate import ALL, ptes
 
 from khmon.geometry import PMD_ORDER, PTES
-from khmon.infer import Known, from_pass, merge
-from khmon.simulate import Settings, simulate
+from khmon.model.infer import Known, from_pass, merge
+from khmon.model.khugepaged import Settings, simulate
 
 PMD_ONLY = frozenset({PMD_ORDER})
 MTHP = frozenset(range(2, PMD_ORDER + 1))

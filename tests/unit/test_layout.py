@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from khdata import HDR, KERNELS, by_name, format_text, layouts, pack
 
-from khmon.layout import (
+from khmon.kernel.tpformat import parse_format
+from khmon.stream.layout import (
     HEADER_NAMES,
     HEADER_SIZE,
     HEADER_STRUCT,
@@ -14,7 +15,6 @@ from khmon.layout import (
     is_hot,
     layouts_from_header,
 )
-from khmon.tpformat import parse_format
 
 
 def test_header_matches_the_c_struct() -> None:

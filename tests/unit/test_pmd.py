@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from khdata import by_name, func_layouts_72, pack
 
-from khmon.pmd import PmdCorrelator, bitmap_bits
-from khmon.render import render_grid
+from khmon.model.correlate import PmdCorrelator, bitmap_bits
+from khmon.outputs.text import render_grid
 
 LAYS = by_name(func_layouts_72())
 SCAN, COL, ISO = LAYS["fn_pmd_scan"], LAYS["fn_collapse"], LAYS["mm_collapse_huge_page_isolate"]
@@ -125,7 +125,7 @@ def test_grid_of_an_inferred_bitmap_shows_the_unknown_ptes() -> None:
 def test_ptwalk_bitmap_on_6_1() -> None:
     from khdata import func_layouts_61
 
-    from khmon.ptwalk import PtWalkPlan
+    from khmon.capture.ptwalk import PtWalkPlan
 
     lays = by_name(func_layouts_61(PtWalkPlan(72, 1, None, None, 2, None, None)))
     scan61 = lays["fn_pmd_scan"]
@@ -253,8 +253,8 @@ def test_interleaved_pmds_in_one_poll_keep_their_pass_bitmaps() -> None:
     # closed A's pass before scan A arrived: the CI failure of a pass without a bitmap.)
     from khdata import func_layouts_61
 
-    from khmon.probes import LiveProbes
-    from khmon.ptwalk import PtWalkPlan
+    from khmon.capture.loader import LiveProbes
+    from khmon.capture.ptwalk import PtWalkPlan
 
     lays = by_name(func_layouts_61(PtWalkPlan(72, 1, None, None, 2, None, None)))
     scan61, col = lays["fn_pmd_scan"], lays["fn_collapse"]

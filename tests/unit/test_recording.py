@@ -12,8 +12,8 @@ import pytest
 from khdata import layouts
 
 from khmon.errors import KhmonError
-from khmon.layout import header_events
-from khmon.recording import Part, Reader, Writer
+from khmon.stream.layout import header_events
+from khmon.stream.recording import Part, Reader, Writer
 
 # The documented format, written out here: magic, u16 version, frames <kind:u8><len:u32><crc:u32>
 MAGIC = b"\x89KHMON\r\n\x1a\n"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from khdata import END_COUNTERS, START_COUNTERS, by_name, capture_header, layouts, pack, stats_meta
 
-from khmon.recording import Part
-from khmon.render import render_report
-from khmon.report import Aggregator
+from khmon.model.model import Aggregator
+from khmon.outputs.text import render_report
+from khmon.stream.recording import Part
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +236,7 @@ def test_a_lost_collapse_record_turns_the_inference_off() -> None:
     # the walk skipped ranges it tried; the report then infers nothing.
     from khdata import func_layouts_61
 
-    from khmon.layout import header_events
+    from khmon.stream.layout import header_events
 
     lays = func_layouts_61(None)
     col = by_name(lays)["fn_collapse"]

@@ -10,8 +10,8 @@ from collections import Counter
 import pytest
 
 from khmon.geometry import PMD_ORDER, PTES
-from khmon.pmd import bitmap_bits
-from khmon.simulate import (
+from khmon.model.correlate import bitmap_bits
+from khmon.model.khugepaged import (
     ALGORITHMS,
     Attempt,
     Outcome,

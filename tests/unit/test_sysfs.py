@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from khmon.errors import KhmonError
-from khmon.sysfs import (
+from khmon.kernel.sysfs import (
     counter_delta,
     khugepaged_pid,
     override,

@@ -7,7 +7,7 @@ import re
 import pytest
 from khdata import KERNELS, event_names, format_text
 
-from khmon.tpformat import parse_format, parse_symbolic_tables
+from khmon.kernel.tpformat import parse_format, parse_symbolic_tables
 
 SCAN_PMD = "mm_khugepaged_scan_pmd"
 COLLAPSE = "mm_collapse_huge_page"

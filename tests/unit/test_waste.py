@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from khmon.waste import REASONS, wasted
+from khmon.model.waste import REASONS, wasted
 
 KiB = 1024
 EVERY4TH = "77" * 64  # PTEs 3, 7, 11 ... empty: 384 present

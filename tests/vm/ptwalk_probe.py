@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""ptwalk_probe.py — prove khmon.ptwalk on a real kernel: a kprobe on khugepaged's per-PMD
+"""ptwalk_probe.py — prove khmon.capture.ptwalk on a real kernel: a kprobe on khugepaged's per-PMD
 scan entry walks the PMD's PTE table in BPF, and every walk must match the workload's pattern.
 
     tests/vm/run.sh 6.1 '.venv/bin/python tests/vm/ptwalk_probe.py [--zram]'
@@ -38,7 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "daemon"))
 
-from khmon import ptwalk  # noqa: E402
+from khmon.capture import ptwalk  # noqa: E402
 from khmon.workload import PMD_SIZE, PTES, anon_huge_kb, full_scans, pattern_bits  # noqa: E402
 
 PATTERNS = ("full", "every4th-empty", "first-half", "one-page", "random")
@@ -317,9 +317,9 @@ def main() -> int:
 
     from bcc import BPF
 
-    from khmon import sysfs
-    from khmon.btf import Btf
-    from khmon.probes import CFLAGS
+    from khmon.capture.loader import CFLAGS
+    from khmon.kernel import sysfs
+    from khmon.kernel.btf import Btf
 
     btf = Btf.from_kernel()
     plan, why = ptwalk.plan_or_reason(btf, ptwalk.kallsyms_addresses(ptwalk.SYMBOLS))

@@ -42,8 +42,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .geometry import PAGE
-from .simulate import bitmap_from_hex, weight
+from ..geometry import PAGE
+from .khugepaged import bitmap_from_hex, weight
 
 REASONS = ("uffd_isolate", "alloc_then_fail", "futile_rescan", "order_cascade", "bloat", "creep")
 SUCCEEDED = "succeeded"

@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import KhmonError
+from ..errors import KhmonError
 
 THP = Path("/sys/kernel/mm/transparent_hugepage")
 KHUGEPAGED = THP / "khugepaged"

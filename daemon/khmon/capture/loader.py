@@ -21,12 +21,12 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
+from ..errors import KhmonError
+from ..kernel.sysfs import KHUGEPAGED
+from ..kernel.tracefs import SYSTEM
+from ..stream.layout import EVENT_INDEX_OFFSET, EventLayout
 from .bpfgen import OwnerOffsets, ProbeConfig, generate
-from .dedup import Resolver
-from .errors import KhmonError
-from .layout import EVENT_INDEX_OFFSET, EventLayout
-from .sysfs import KHUGEPAGED
-from .tracefs import SYSTEM
+from .ringbuf import Resolver
 
 # Kernel headers of another version than the running one warn in ways that do not matter:
 # khmon takes nothing from them but bcc's helper definitions and struct pt_regs.

@@ -18,7 +18,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import KhmonError
+from ..errors import KhmonError
 
 VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
 BTF_MAGIC = 0xEB9F

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import EXIT_BAD_INPUT, KhmonError
+from ..errors import EXIT_BAD_INPUT, KhmonError
 from .layout import EventLayout, layouts_from_header
 
 MAGIC = b"\x89KHMON\r\n\x1a\n"  # like PNG's: binary, and detects newline mangling

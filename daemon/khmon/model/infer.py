@@ -31,8 +31,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .geometry import PMD_ORDER
-from .simulate import Settings, collapse_max_ptes_none, v19_walk
+from ..geometry import PMD_ORDER
+from .khugepaged import Settings, collapse_max_ptes_none, v19_walk
 
 # (offset, order, result, swapped_in) of one collapse_huge_page call, in call order
 Step = tuple[int, int, str, bool]

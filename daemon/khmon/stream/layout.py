@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from .btf import Scalar
-from .tpformat import EventFormat, Field, parse_format
+from ..kernel.btf import Scalar
+from ..kernel.tpformat import EventFormat, Field, parse_format
 
 COMMON_SIZE = 8  # common_type, common_flags, common_preempt_count, common_pid
 STR_LEN = 64  # bytes kept of each __data_loc string (file names)

@@ -13,11 +13,11 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import Any, NamedTuple
 
-from . import funcprobes
-from .layout import EventLayout, layouts_from_header
-from .pmd import SCAN_PMD, SWAPIN, PmdCorrelator
-from .recording import Part
-from .sysfs import counter_delta
+from ..capture import plan as funcprobes
+from ..kernel.sysfs import counter_delta
+from ..stream.layout import EventLayout, layouts_from_header
+from ..stream.recording import Part
+from .correlate import SCAN_PMD, SWAPIN, PmdCorrelator
 from .waste import wasted
 
 SCAN_FILE = "mm_khugepaged_scan_file"

@@ -57,8 +57,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from .geometry import PAGE, PMD_ORDER, PTES
-from .sysfs import selected
+from ..geometry import PAGE, PMD_ORDER, PTES
+from ..kernel.sysfs import selected
 
 # Lowest mTHP order: anon folios of order 0 and 1 are not THPs (THP_ORDERS_ALL_ANON).
 KHUGEPAGED_MIN_MTHP_ORDER = 2

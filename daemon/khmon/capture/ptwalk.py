@@ -25,8 +25,8 @@ import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from .btf import Btf
-from .geometry import PTES
+from ..geometry import PTES
+from ..kernel.btf import Btf
 
 KALLSYMS = "/proc/kallsyms"
 SYMBOLS = ("page_offset_base", "__pgtable_l5_enabled", "physical_mask", "zero_pfn",

@@ -32,9 +32,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import KhmonError
-from .geometry import BITMAP_BYTES, PAGE, PMD_MASK, PMD_SIZE, PTES
-from .pmd import bitmap_count
+from ..errors import KhmonError
+from ..geometry import BITMAP_BYTES, PAGE, PMD_MASK, PMD_SIZE, PTES
+from ..model.correlate import bitmap_count
 
 ENTRY = 8  # bytes per pagemap / kpageflags entry
 

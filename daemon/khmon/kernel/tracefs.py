@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import KhmonError
+from ..errors import KhmonError
 from .tpformat import EventFormat, parse_format
 
 SYSTEM = "huge_memory"

@@ -16,18 +16,19 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-from . import funcprobes, ptwalk
+from ..errors import EXIT_BAD_INPUT, KhmonError
+from ..kernel.btf import Btf
+from ..kernel.pagemap import PagemapSampler
+from ..kernel.sysfs import read_counters, read_settings
+from ..kernel.tracefs import read_formats
+from ..model.correlate import SCAN_PMD
+from ..model.model import Aggregator
+from ..stream.layout import EventLayout, build_layouts, header_events, is_page_pointer
+from ..stream.recording import Part, Writer
+from . import plan as funcprobes
+from . import ptwalk
 from .bpfgen import OwnerOffsets, ProbeConfig
-from .btf import Btf
-from .errors import EXIT_BAD_INPUT, KhmonError
-from .layout import EventLayout, build_layouts, header_events, is_page_pointer
-from .pagemap import PagemapSampler
-from .pmd import SCAN_PMD
-from .probes import LiveProbes
-from .recording import Part, Writer
-from .report import Aggregator
-from .sysfs import read_counters, read_settings
-from .tracefs import read_formats
+from .loader import LiveProbes
 
 STATS_INTERVAL_S = 1.0
 POLL_MS = 100

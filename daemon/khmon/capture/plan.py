@@ -23,11 +23,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .btf import Btf
-from .geometry import BITMAP_BYTES
-from .layout import EventLayout, fields_at
+from ..geometry import BITMAP_BYTES
+from ..kernel.btf import Btf
+from ..kernel.tpformat import EventFormat
+from ..stream.layout import EventLayout, fields_at
 from .ptwalk import PTBITS, PtWalkPlan, kallsyms_addresses
-from .tpformat import EventFormat
 
 SYSTEM = "khmon"
 PMD_SCAN, COLLAPSE = "fn_pmd_scan", "fn_collapse"

@@ -15,8 +15,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .geometry import PAGE_SHIFT, PMD_ORDER
-from .layout import (
+from ..geometry import PAGE_SHIFT, PMD_ORDER
+from ..kernel.tpformat import Field
+from ..stream.layout import (
     COMMON_SIZE,
     DEDUP_FLUSH,
     DEDUP_INSTALL,
@@ -25,10 +26,9 @@ from .layout import (
     is_page_pointer,
 )
 from .ptwalk import c_code as ptwalk_c
-from .tpformat import Field
 
 BPF_SOURCE_CANDIDATES = (
-    Path(__file__).resolve().parents[2] / "bpf" / "khmon.bpf.c",  # a checkout
+    Path(__file__).resolve().parents[3] / "bpf" / "khmon.bpf.c",  # a checkout
     Path("/usr/share/khmon/bpf/khmon.bpf.c"),
 )
 

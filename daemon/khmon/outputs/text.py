@@ -6,7 +6,7 @@ from __future__ import annotations
 import string
 from typing import Any
 
-from .pmd import bitmap_bits
+from ..model.correlate import bitmap_bits
 
 
 def _table(headers: list[str], rows: list[list[Any]], indent: str = "  ") -> list[str]:

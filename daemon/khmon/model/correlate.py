@@ -40,10 +40,11 @@ from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import funcprobes, infer
-from .geometry import BITMAP_BYTES, PAGE_SHIFT, PMD_MASK, PMD_ORDER
-from .layout import EventLayout
-from .simulate import settings_from_sysfs
+from ..capture import plan as funcprobes
+from ..geometry import BITMAP_BYTES, PAGE_SHIFT, PMD_MASK, PMD_ORDER
+from ..stream.layout import EventLayout
+from . import infer
+from .khugepaged import settings_from_sysfs
 
 ISOLATE = "mm_collapse_huge_page_isolate"
 SWAPIN = "mm_collapse_huge_page_swapin"

@@ -18,7 +18,7 @@ from __future__ import annotations
 import struct
 from collections import Counter
 
-from .layout import (
+from ..stream.layout import (
     CPU_OFFSET,
     DEDUP_FLUSH,
     DEDUP_INSTALL,
