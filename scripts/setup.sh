@@ -10,6 +10,12 @@
 #     needs both).
 #   - tracefs mounted at /sys/kernel/tracing.
 #   - a virtualenv at .venv holding khmon (editable) that can import bcc.
+# and for the service half's tests (tests/service, dashboards/schema):
+#   - tmux (the TUI tests drive `khmon top` in a real terminal), node and npm (Debian's, where the
+#     machine has none).
+#   - Prometheus and promtool from Debian's prometheus package, unpacked into
+#     /var/cache/khmon/prometheus, never installed: no service, no user, no dpkg state.
+#   - dashboards/schema/node_modules (@grafana/schema and typescript) by `npm ci` from the lock file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,7 +24,11 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "must run as root (apt-get, kernel headers and tracefs need it); try: sudo make setup"
 
-APT_PKGS=(python3-bpfcc bpfcc-tools bpftool bpftrace python3-venv python3-pip)
+APT_PKGS=(python3-bpfcc bpfcc-tools bpftool bpftrace python3-venv python3-pip tmux)
+# node and npm: whatever the machine has (it may carry another build, which bundles npm and would
+# conflict with Debian's npm); Debian's only where a command is missing.
+command -v node >/dev/null || APT_PKGS+=(nodejs)
+command -v npm >/dev/null || APT_PKGS+=(npm)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -90,6 +100,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want_stamp" ]; then
   say "installing khmon into .venv"
   .venv/bin/pip install -q --upgrade pip >/dev/null
   .venv/bin/pip install -q -e '.[dev]' || die "pip install of khmon failed"
+  .venv/bin/python -c 'import prometheus_client, promql_parser, textual
+from grafana_foundation_sdk.builders import dashboard' \
+    || die "the venv cannot import the service dependencies after pip install; see pyproject.toml"
   echo "$want_stamp" > "$stamp"
 fi
 # bcc is pure Python over libbcc: expose just Debian's bcc package to the venv, nothing else
@@ -97,4 +110,44 @@ fi
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 ln -sfn /usr/lib/python3/dist-packages/bcc "$site/bcc"
 .venv/bin/python -c 'import bcc' || die "the venv cannot import bcc (python3-bpfcc installed?)"
+
+# --- Prometheus and promtool (tests/service), unpacked from Debian's package -----------------
+# `apt-get download` + `dpkg-deb -x` rather than `apt-get install`: the package would start a
+# service and create a user; the tests only need the two (statically built) binaries.
+PROM_DIR=/var/cache/khmon/prometheus
+if ! "$PROM_DIR/prometheus" --version >/dev/null 2>&1 || ! "$PROM_DIR/promtool" --version >/dev/null 2>&1; then
+  apt-cache show prometheus >/dev/null 2>&1 || apt_update
+  say "unpacking Debian's prometheus package into $PROM_DIR"
+  ptmp=$(mktemp -d)
+  # Owned by _apt, so that apt downloads in its sandbox instead of warning.
+  chown _apt "$ptmp" 2>/dev/null || true
+  (cd "$ptmp" && apt-get download -q prometheus) >"$ptmp/log" 2>&1 \
+    || die "apt-get download prometheus failed ($(tail -n1 "$ptmp/log")); check the Debian mirror in /etc/apt/sources.list.d"
+  deb=$(ls "$ptmp"/prometheus_*.deb)
+  dpkg-deb -x "$deb" "$ptmp/root" || die "dpkg-deb -x $deb failed"
+  for b in prometheus promtool; do
+    "$ptmp/root/usr/bin/$b" --version >/dev/null 2>&1 || die "the unpacked $b does not run: $ptmp/root/usr/bin/$b --version"
+  done
+  rm -rf "$PROM_DIR"
+  mkdir -p "$PROM_DIR"
+  mv "$ptmp/root/usr/bin/prometheus" "$ptmp/root/usr/bin/promtool" "$PROM_DIR/"
+  basename "$deb" > "$PROM_DIR/SOURCE"
+  rm -rf "$ptmp"
+fi
+
+# --- the dashboard schema checker's npm packages (dashboards/schema) ----------------------
+# Keyed on package.json and the lock file, as .venv is on pyproject.toml; npm ci empties
+# node_modules first, so a stale stamp never survives a reinstall.
+schema=dashboards/schema
+npm_stamp=$schema/node_modules/.khmon-installed
+want_npm=$(cat "$schema/package.json" "$schema/package-lock.json" | sha256sum | cut -c1-16)
+if [ "$(cat "$npm_stamp" 2>/dev/null)" != "$want_npm" ]; then
+  say "npm ci in $schema"
+  nlog=$(mktemp)
+  (cd "$schema" && npm ci --no-audit --no-fund --loglevel=error) >"$nlog" 2>&1 \
+    || die "npm ci in $schema failed ($(grep -m1 -i 'err' "$nlog" || tail -n1 "$nlog")); is the npm registry reachable?"
+  rm -f "$nlog"
+  "$schema/node_modules/.bin/tsc" --version >/dev/null 2>&1 || die "$schema/node_modules/.bin/tsc does not run after npm ci"
+  echo "$want_npm" > "$npm_stamp"
+fi
 say "ok: .venv/bin/khmon ready"
