@@ -11,8 +11,8 @@
 #   - tracefs mounted at /sys/kernel/tracing.
 #   - a virtualenv at .venv holding khmon (editable) that can import bcc.
 # and for the service half's tests (tests/service, dashboards/schema):
-#   - tmux (the TUI tests drive `khmon top` in a real terminal), node and npm (Debian's, where the
-#     machine has none).
+#   - tmux (the TUI tests drive `khmon top` in a real terminal), openssl (self-signed certificates
+#     for the TLS scrape tests), node and npm (Debian's, where the machine has none).
 #   - Prometheus and promtool from Debian's prometheus package, unpacked into
 #     /var/cache/khmon/prometheus, never installed: no service, no user, no dpkg state.
 #   - dashboards/schema/node_modules (@grafana/schema and typescript) by `npm ci` from the lock file.
@@ -24,7 +24,7 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "must run as root (apt-get, kernel headers and tracefs need it); try: sudo make setup"
 
-APT_PKGS=(python3-bpfcc bpfcc-tools bpftool bpftrace python3-venv python3-pip tmux)
+APT_PKGS=(python3-bpfcc bpfcc-tools bpftool bpftrace python3-venv python3-pip tmux openssl)
 # node and npm: whatever the machine has (it may carry another build, which bundles npm and would
 # conflict with Debian's npm); Debian's only where a command is missing.
 command -v node >/dev/null || APT_PKGS+=(nodejs)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite in stages, each timed, with a summary at the end.
 #
-#   scripts/test.sh           lint, unit, live on the host kernel, live in the 6.1 and 7.2 guests
+#   scripts/test.sh           lint, unit, service (real Prometheus, promtool, tsc; no root or BPF),
+#                             live on the host kernel, live in the 6.1 and 7.2 guests
 #   scripts/test.sh --fast    the same without the guest kernels
 #
 # Every stage runs even when an earlier one failed (the summary shows all of them); the
@@ -13,6 +14,7 @@ fast=0
 
 stages=("lint:.venv/bin/ruff check daemon tests bench"
         "unit:.venv/bin/python -m pytest -v tests/unit"
+        "service:.venv/bin/python -m pytest -v tests/service"
         "live-host:.venv/bin/python -m pytest -v tests/live")
 if [ "$fast" = 0 ]; then
   stages+=("guest-6.1:tests/vm/suite.sh 6.1" "guest-7.2:tests/vm/suite.sh 7.2")
