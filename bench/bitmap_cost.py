@@ -29,12 +29,13 @@ import time
 from pathlib import Path
 
 from khmon.capture.bpfgen import ProbeConfig
-from khmon.capture.live import LiveCapture, capture
+from khmon.capture.live import LiveCapture
 from khmon.geometry import PAGE, PMD_SIZE
 from khmon.kernel.pagemap import read_pmd
 from khmon.kernel.sysfs import override
 from khmon.model import infer
 from khmon.model.khugepaged import Settings, simulate
+from khmon.pipeline import capture
 from khmon.workload import Workloads, pattern_bits
 
 BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
@@ -71,7 +72,7 @@ def measure(label: str, cfg: ProbeConfig, pmds: int) -> None:
         finally:
             work.kill()
         after = prog_stats(cap)
-        r = agg.result()
+        r = agg.report()
         sources: dict[str, int] = {}
         for p in r["pmds"]:
             sources[p["bitmap_source"] or "none"] = sources.get(p["bitmap_source"] or "none", 0) + 1

@@ -10,7 +10,7 @@ restored and the workload killed on the way out, whatever happens.
 Measured, in alternating rounds (the order rotates every round), over a fixed window each:
   none      nothing attached
   khmon     an in-process khmon.capture.live.LiveCapture, its parts consumed by a report
-            Aggregator exactly as `khmon report --live` does
+            model exactly as `khmon report --live` does (khmon.pipeline)
   bpftrace  bpftrace -e 'tracepoint:huge_memory:mm_khugepaged_scan_pmd { @ = count(); }'
 Each window starts once the tracer is attached (and has settled for a second).
 
@@ -62,7 +62,7 @@ from pathlib import Path
 from khmon.capture.bpfgen import ProbeConfig
 from khmon.capture.live import LiveCapture
 from khmon.kernel.sysfs import KHUGEPAGED, khugepaged_pid, override
-from khmon.model.model import Aggregator
+from khmon.pipeline import LivePipeline
 
 KNOBS = {
     "enabled": "madvise",
@@ -317,19 +317,21 @@ def attached_capture() -> LiveCapture:
 
 
 def run_khmon(ctx: Context, w: Window) -> None:
-    """khmon as `khmon report --live` runs it: LiveCapture parts into an Aggregator."""
+    """khmon as `khmon report --live` runs it: a LivePipeline (capture, decode and model on
+    its worker thread) while the main thread waits."""
     cap = attached_capture()
-    header = cap.header()
-    agg = Aggregator(header)
-    sizes = {lay.index: lay.size for lay in cap.layouts}
+    run = LivePipeline(cap)
     m = Meter(ctx, w)
     attached = time.monotonic()
-    phase = {"state": "settle", "records": 0, "c0": None}
+    phase: dict = {"state": "settle", "r0": 0, "c0": None}
+
+    def records() -> int:
+        return sum(ec.records for ec in run.model.events)
 
     def should_stop() -> bool:
         now = time.monotonic()
         if phase["state"] == "settle" and now - attached >= SETTLE_S:
-            phase.update(state="window", records=0, c0=cap.probes.counters())
+            phase.update(state="window", r0=records(), c0=cap.probes.counters())
             m.start()
         elif phase["state"] == "window":
             m.tick()
@@ -340,15 +342,11 @@ def run_khmon(ctx: Context, w: Window) -> None:
             for name in ("seen", "lost"):
                 w.extra[f"{name}_per_s"] = (sum(c1[name].values())
                                             - sum(c0[name].values())) / w.seconds
-            w.extra["records_per_s"] = phase["records"] / w.seconds
+            w.extra["records_per_s"] = (records() - phase["r0"]) / w.seconds
             phase["state"] = "done"
         return phase["state"] == "done"
 
-    for part in cap.parts(header, None, should_stop):
-        agg.add(part)
-        if part.kind == "R" and phase["state"] == "window":
-            phase["records"] += len(part.data) // sizes[part.event]
-    r = agg.result([])
+    r = run.start().wait(should_stop, tick=0.05).report([])
     w.extra["lost_total"] = r["lost_events"]
     w.extra["unaccounted"] = sum(a["unaccounted"] for a in r["accounting"].values())
 
@@ -406,8 +404,7 @@ def prog_stats(ids: list[int]) -> tuple[int, int]:
 
 def cost_khmon(seconds: float) -> tuple[int, int]:
     cap = attached_capture()
-    header = cap.header()
-    agg = Aggregator(header)
+    run = LivePipeline(cap)
     ids = prog_ids(os.getpid())
     t0 = time.monotonic()
     result = (0, 0)
@@ -419,8 +416,7 @@ def cost_khmon(seconds: float) -> tuple[int, int]:
             return True
         return False
 
-    for part in cap.parts(header, None, stop):
-        agg.add(part)
+    run.start().wait(stop, tick=0.05)
     return result
 
 

@@ -6,7 +6,7 @@ khmon.stream.layout.build_layouts, header as session.LiveCapture.header() writes
 packed with each layout's own struct: mostly mm_khugepaged_scan_pmd with a mix of statuses
 and owner processes, plus some mm_collapse_huge_page(_isolate) events; every record has
 count=1, so records == events. Then, ROUNDS times, each round in a fresh child process, it
-times the whole `khmon report FILE` path: Reader (file read, frame checks) + Aggregator
+times the whole `khmon report FILE` path: Reader (file read, frame checks) + Model
 (struct decode, counting) + result() + render_report(). In the same child, and alternating
 with it, it times the bare decode floor: struct.iter_unpack over the same record bytes with
 no counting, so the ratio pipeline/floor is measured side by side.
@@ -45,10 +45,11 @@ from khmon.capture.live import LiveCapture, owner_offsets
 from khmon.kernel.btf import Btf
 from khmon.kernel.sysfs import read_counters
 from khmon.kernel.tracefs import read_formats
-from khmon.model.model import Aggregator
+from khmon.model.model import Model
 from khmon.outputs.text import render_report
 from khmon.stream.layout import EventLayout, build_layouts
-from khmon.stream.recording import Part, Reader, Writer
+from khmon.stream.parts import Part
+from khmon.stream.recording import Reader, Writer
 
 TARGET = 1_000_000
 BATCH = 4096  # records per R part (a 100 ms poll at ~40k records/s)
@@ -178,17 +179,17 @@ def _stats(header: dict, counts: dict[str, int], parts: int, counters: dict) -> 
 def replay(path: Path) -> tuple[int, str]:
     """`khmon report FILE` minus printing: events counted and the rendered text."""
     reader = Reader(path)
-    agg = Aggregator(reader.header)
+    agg = Model(reader.header)
     for part in reader.parts():
         agg.add(part)
-    result = agg.result(reader.warnings)
+    result = agg.report(reader.warnings)
     return sum(result["events"].values()), render_report(result)
 
 
 def floor(path: Path) -> int:
     """Decode only: iter_unpack every record part, no framing checks, no counting."""
     reader = Reader(path)
-    layouts = Aggregator(reader.header).layouts
+    layouts = Model(reader.header).layouts
     n = 0
     for part in reader.parts():
         if part.kind == "R":
@@ -259,7 +260,7 @@ def main() -> int:
         frate = [total / s for s in flo]
         ratios = [p / f for p, f in zip(pipe, flo, strict=True)]
         print(f"rounds: {len(pipe)} (each in a fresh process; pipeline and floor alternate)")
-        print(f"replay (Reader + Aggregator + report): best {max(rate):,.0f} events/s, "
+        print(f"replay (Reader + Model + report): best {max(rate):,.0f} events/s, "
               f"median {statistics.median(rate):,.0f} events/s "
               f"(median {statistics.median(pipe):.3f} s per {total:,} events)")
         print(f"decode floor (iter_unpack only):       best {max(frate):,.0f} events/s, "

@@ -23,10 +23,17 @@
  * Every probe hit is counted in `seen` when it is sent or flushed, every event the ring
  * buffer refused in `lost`: nothing is dropped uncounted.
  *
+ * What must be exact is counted here too, so it does not depend on records reaching user
+ * space: every non-deduplicated event with a status (collapse attempts above all) bumps
+ * `exact` by (event, order, status, userfaultfd-armed or not), with summed and maximal
+ * duration and a log2 histogram of durations where the event is timed. A record the ring
+ * buffer refuses also bumps `lost_at` by (mm, PMD address), so user space can say which PMD
+ * records lack detail.
+ *
  * Placeholders filled at load time by khmon/bpfgen.py:
  *   NR_EVENTS, RINGBUF_PAGES, DEDUP_SLOTS (per CPU, a power of two), NR_CPU_IDS (the
  *   tables of all CPUs share one array, CPU after CPU), DEDUP_INSTALL, DEDUP_FLUSH,
- *   FILTER_TGID (0: all), HAVE_OWNER,
+ *   FILTER_TGID (0: all), HAVE_OWNER, UFFD_MASK (VM_UFFD_* bits of vm_flags; 0: unknown),
  *   MM_OWNER_OFF, TASK_TGID_OFF, TASK_COMM_OFF (byte offsets from the running kernel's BTF),
  *   EVENT_CODE (per-event structs, maps and programs, generated from the format files).
  */
@@ -50,6 +57,28 @@ BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(seen, u64, NR_EVENTS);
 BPF_PERCPU_ARRAY(lost, u64, NR_EVENTS);
 BPF_ARRAY(epoch, u64, 1);  /* advanced by user space; 31 bits are compared */
+
+/* Exact counts. Key: KHMON_X_COUNT | event << 22 | order << 17 | status << 9 | uffd << 7, or
+ * KHMON_X_HIST | event << 22 | order << 17 | succeeded << 16 | log2(ns). Status is clamped to
+ * 0..255 (255: out of range); uffd is 0 (no), 1 (yes) or 2 (unknown). */
+struct khmon_xval {
+    u64 n;
+    u64 ns;
+    u64 max;
+};
+BPF_PERCPU_HASH(exact, u32, struct khmon_xval, 16384);
+BPF_PERCPU_ARRAY(exact_full, u64, 1);  /* updates refused because `exact` was full */
+#define KHMON_X_COUNT 0U
+#define KHMON_X_HIST (1U << 30)
+#define KHMON_UFFD_NO 0
+#define KHMON_UFFD_YES 1
+#define KHMON_UFFD_UNKNOWN 2
+
+struct khmon_lost_key {
+    u64 mm;
+    u64 addr;  /* the PMD, or 0 for events that name none */
+};
+BPF_TABLE("lru_hash", struct khmon_lost_key, u64, lost_at, 4096);
 
 /* One dedup slot: `fp` is the payload's hash (0: empty); `ec` packs the epoch of the last
  * flush (bits 33..63), whether -p excludes the payload (bit 32) and its repeats not yet
@@ -101,6 +130,50 @@ static __always_inline void khmon_add(u32 ev, u64 n, int to_lost)
         c = seen.lookup(&ev);
     if (c)
         *c += n;
+}
+
+static __always_inline void khmon_xadd(u32 key, u64 ns)
+{
+    struct khmon_xval zero = {};
+    struct khmon_xval *v = exact.lookup_or_try_init(&key, &zero);
+
+    if (!v) {
+        u32 z = 0;
+        u64 *full = exact_full.lookup(&z);
+        if (full)
+            *full += 1;
+        return;
+    }
+    v->n += 1;
+    v->ns += ns;
+    if (ns > v->max)
+        v->max = ns;
+}
+
+/* One event of `ev` with this order and status, `ns` long (0 when not timed); `ok` is the
+ * status value that means success, for the histogram. Per-CPU values: no atomics needed. */
+static __always_inline void khmon_exact(u32 ev, u32 order, int status, u32 uffd, u64 ns,
+                                        int timed, int ok)
+{
+    u32 st = (status < 0 || status > 254) ? 255 : (u32)status;
+    u32 base = (ev & 0xff) << 22 | (order & 31) << 17;
+
+    khmon_xadd(KHMON_X_COUNT | base | st << 9 | (uffd & 3) << 7, ns);
+    if (timed)
+        khmon_xadd(KHMON_X_HIST | base | (status == ok) << 16 | (bpf_log2l(ns) & 63), 0);
+}
+
+/* A record about (mm, addr) did not fit the ring buffer. */
+static __always_inline void khmon_lost_at(u64 mm, u64 addr)
+{
+    struct khmon_lost_key k = {.mm = mm, .addr = addr};
+    u64 one = 1;
+    u64 *n = lost_at.lookup(&k);
+
+    if (n)
+        __sync_fetch_and_add(n, 1);
+    else
+        lost_at.update(&k, &one);
 }
 
 /* Report n repeats of the payload installed in slot idx (set * KHMON_WAYS + way) of this

@@ -20,8 +20,9 @@ import typer
 from . import __version__
 from .capture.bpfgen import ProbeConfig
 from .errors import EXIT_BAD_INPUT, EXIT_FAIL, KhmonError
-from .model.model import Aggregator
+from .model.model import Model
 from .outputs.text import render_report, render_simulation
+from .pipeline import replay
 from .stream.recording import Reader
 
 app = typer.Typer(
@@ -86,28 +87,31 @@ class _StopFlag:
 
 
 def _capture(cfg: ProbeConfig, duration: float | None, out: Path | None,
-             should_stop: Callable[[], bool], progress: bool) -> tuple[Aggregator, list[str]]:
-    """session.capture with a progress line on stderr every 5 s."""
-    from .capture.live import capture
+             should_stop: Callable[[], bool], progress: bool) -> tuple[Model, list[str]]:
+    """A live capture (khmon.pipeline) with a progress line on stderr every 5 s."""
+    from .capture.live import LiveCapture
+    from .pipeline import LivePipeline
 
-    last = [0.0]
+    run = LivePipeline(LiveCapture(cfg), duration, out)
+    attached = sum(v is None for v in run.header["attached"].values())
+    typer.echo(f"khmon: attached to {attached} tracepoints"
+               + (f", recording to {out}" if out else ""), err=True)
+    last = [time.monotonic()]
 
-    def on_stats(header: dict, stats: dict, written: int) -> None:
-        if not last[0]:  # the first stats part: the probes are attached and running
-            attached = sum(v is None for v in header["attached"].values())
-            typer.echo(f"khmon: attached to {attached} tracepoints"
-                       + (f", recording to {out}" if out else ""), err=True)
-            last[0] = time.monotonic()
-        if not progress or time.monotonic() - last[0] < 5:
+    def on_tick(r: LivePipeline) -> None:
+        snap = r.snapshot
+        if not progress or snap is None or time.monotonic() - last[0] < 5:
             return
         last[0] = time.monotonic()
-        seen = sum(stats["probe"]["seen"].values())
-        lost = sum(stats["probe"]["lost"].values())
-        where = f" -> {out} ({written} bytes)" if out else ""
-        secs = (stats["mono_ns"] - header["start_mono_ns"]) / 1e9
-        typer.echo(f"khmon: {secs:.0f} s, {seen} events, {lost} lost{where}", err=True)
+        acc = snap.report["accounting"]
+        seen = sum(a["seen"] for a in acc.values())
+        lost = snap.report["lost_events"]
+        where = f" -> {out} ({r.writer.bytes_written} bytes)" if r.writer is not None else ""
+        typer.echo(f"khmon: {snap.report['window']['seconds']:.0f} s, {seen} events, "
+                   f"{lost} lost{where}", err=True)
 
-    return capture(cfg, duration, out, should_stop, on_stats)
+    model = run.start().wait(should_stop, on_tick=on_tick)
+    return model, run.warnings
 
 
 def _emit(report: dict, as_json: bool, grids: int = 0) -> None:
@@ -163,8 +167,8 @@ def record(
         if ebpf:
             typer.echo(_generated_c(cfg))
             return
-        agg, warnings = _capture(cfg, duration, output, _StopFlag(), progress=not quiet)
-        r = agg.result(warnings)
+        model, warnings = _capture(cfg, duration, output, _StopFlag(), progress=not quiet)
+        r = model.report(warnings)
         typer.echo(f"khmon: recorded {sum(r['events'].values())} events "
                    f"({r['lost_events']} lost) in {r['window']['seconds']:.1f} s to {output}",
                    err=True)
@@ -203,19 +207,17 @@ def report(
                              "khmon report --live --duration 10", EXIT_BAD_INPUT)
         if recording is not None:
             reader = Reader(recording)
-            agg = Aggregator(reader.header, reader.layouts)
-            for part in reader.parts():
-                agg.add(part)
+            model = replay(reader)
             warnings = reader.warnings
         else:
             cfg = _config(pid, ringbuf_pages, dedup_slots)
             if ebpf:
                 typer.echo(_generated_c(cfg))
                 return
-            agg, warnings = _capture(cfg, duration, None, _StopFlag(), progress=False)
+            model, warnings = _capture(cfg, duration, None, _StopFlag(), progress=False)
         for w in warnings:
             typer.echo(f"khmon: warning: {w}", err=True)
-        _emit(agg.result(warnings), as_json, grid)
+        _emit(model.report(warnings), as_json, grid)
 
     _guard(body)
 
@@ -264,6 +266,7 @@ def simulate(
     from dataclasses import replace
 
     from .model import khugepaged as sim
+    from .outputs import whatif
 
     def body() -> None:
         if algo not in sim.ALGORITHMS:
@@ -271,21 +274,28 @@ def simulate(
                              f"use one of {', '.join(sim.ALGORITHMS)}", EXIT_BAD_INPUT)
         chosen = _orders(orders)
         reader = Reader(recording)
-        agg = Aggregator(reader.header, reader.layouts)
-        for part in reader.parts():
-            agg.add(part)
+        model = replay(reader)
         for w in reader.warnings:
             typer.echo(f"khmon: warning: {w}", err=True)
-        if not agg.pmds.active:
+        if not model.pmds.active:
             raise KhmonError(f"{recording} has no per-PMD records (it was made without "
                              "function probes or pagemap samples)", "record on a kernel where "
                              "`khmon doctor` shows a bitmap source", EXIT_BAD_INPUT)
-        own = sim.settings_from_sysfs(reader.header.get("settings", {}))
+        r = model.report(reader.warnings)
+        epochs = {c["epoch"]: c["settings"] for c in r["settings_changes"]}
         given = {k: v for k, v in (("orders", chosen), ("max_ptes_none", max_ptes_none),
                                    ("max_ptes_swap", max_ptes_swap),
                                    ("max_ptes_shared", max_ptes_shared)) if v is not None}
-        result = sim.replay(agg.pmds.records(), algo, replace(own, **given),
-                            attempts_seen=agg.pmds.collapse is not None)
+
+        def settings(epoch: int | None) -> sim.Settings:
+            """The recording's settings in that epoch (the latest for None), with the
+            what-if options applied."""
+            knobs = r["settings"] if epoch is None else epochs.get(
+                epoch, reader.header.get("settings", {}))
+            return replace(sim.settings_from_sysfs(knobs), **given)
+
+        result = whatif.replay(r["pmds"], algo, settings,
+                               attempts_seen=model.pmds.collapse is not None)
         result["what_if"] = sorted(given)
         typer.echo(json.dumps(result, indent=2) if as_json else render_simulation(result))
 
@@ -318,11 +328,11 @@ def demo(
                    "(khugepaged scan_sleep 100 ms) ...", err=True)
         try:
             with override(knobs):
-                agg, warnings = _capture(ProbeConfig(), 90, None, lambda: work() or stop(),
-                                         progress=True)
+                model, warnings = _capture(ProbeConfig(), 90, None, lambda: work() or stop(),
+                                           progress=True)
         finally:
             work.kill()
-        r = agg.result(warnings)
+        r = model.report(warnings)
         if as_json:
             _emit(r, True)
             return
@@ -361,14 +371,16 @@ def _demo_story(r: dict, runs: list[dict], pmds: int) -> str:
 
 def _generated_c(cfg: ProbeConfig) -> str:
     from .capture.bpfgen import generate
-    from .capture.live import kernel_layouts, owner_offsets
+    from .capture.live import kernel_layouts, owner_offsets, uffd_mask
     from .capture.loader import nr_cpu_ids
+    from .capture.plan import vma_flag_bits
     from .kernel.btf import Btf
 
     btf = Btf.from_kernel()
     # As LiveProbes compiles it first: function probes as fentry/fexit.
     return generate(kernel_layouts(btf, cfg.ptwalk), owner_offsets(btf), cfg,
-                    nr_cpu_ids=nr_cpu_ids(), func_mode="kfunc")
+                    nr_cpu_ids=nr_cpu_ids(), func_mode="kfunc",
+                    uffd_mask=uffd_mask(vma_flag_bits(btf)))
 
 
 def version_callback(value: bool) -> None:

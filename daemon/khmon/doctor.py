@@ -16,8 +16,8 @@ from pathlib import Path
 from .capture import ptwalk
 from .capture.bpfgen import ProbeConfig
 from .capture.live import owner_offsets
-from .capture.plan import kallsyms_text
 from .errors import KhmonError
+from .kernel import kallsyms
 from .kernel.btf import Btf
 from .kernel.sysfs import THP, read_settings, selected
 from .kernel.tracefs import khugepaged_events, read_format, tracefs_root
@@ -101,7 +101,7 @@ def run_checks(trial: bool = True) -> list[Check]:
     except KhmonError as e:
         add(Check("tracefs", "tracepoints", "fail", str(e)))
 
-    syms = kallsyms_text(PMD_FUNCS + DATA_SYMBOLS)
+    syms = kallsyms.present(PMD_FUNCS + DATA_SYMBOLS)
     for func in PMD_FUNCS:
         in_btf = btf is not None and btf.has_func(func)
         in_ksyms = func in syms
@@ -114,7 +114,7 @@ def run_checks(trial: bool = True) -> list[Check]:
                   "kallsyms_data" if sym == "page_offset_base" else ""))
 
     if btf is not None:
-        walk, why = ptwalk.plan_or_reason(btf, ptwalk.kallsyms_addresses(ptwalk.SYMBOLS))
+        walk, why = ptwalk.plan_or_reason(btf, kallsyms.addresses(ptwalk.SYMBOLS))
         add(Check("bitmap", "ptwalk (BPF walk of the PTE table)", "ok" if walk else "info",
                   f"possible: mm_struct.pgd at {walk.mm_pgd}, paging {walk.paging}, zero page "
                   f"via {walk.zero_page or 'nothing (not told apart)'}" if walk else why,
@@ -167,8 +167,8 @@ def _tier_summary(t: dict[str, bool]) -> list[Check]:
 def _trials(btf: Btf | None, syms: set[str]) -> list[Check]:
     """Load and attach for real: the live-capture program (with a kprobe stub riding along),
     then a two-instruction fentry program through the bpf syscall."""
+    from .capture.fentry import fentry_refusal
     from .capture.live import LiveCapture
-    from .capture.loader import fentry_refusal
 
     out = []
     target = next((f for f in PMD_FUNCS if (btf and btf.has_func(f)) or f in syms), None)

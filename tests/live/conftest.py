@@ -14,8 +14,9 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from khmon.capture.bpfgen import ProbeConfig
-from khmon.capture.live import LiveCapture, capture
+from khmon.capture.live import LiveCapture
 from khmon.kernel import sysfs
+from khmon.pipeline import capture
 from khmon.workload import Workloads
 
 IN_CI = os.environ.get("CI") == "true"
@@ -64,6 +65,6 @@ def run_workloads(live_capture: LiveCapture) -> Callable[..., tuple[dict, list[d
                                         reuse=live_capture)
         finally:
             work.kill()
-        return agg.result(warnings), work.results()
+        return agg.report(warnings), work.results()
 
     return run

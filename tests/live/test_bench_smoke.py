@@ -29,7 +29,7 @@ def _bench(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
 def test_replay_benchmark_runs() -> None:
     p = _bench("bench/replay.py", "--events", "20000", "--rounds", "1", timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert re.search(r"^replay \(Reader \+ Aggregator \+ report\): best [\d,]+ events/s",
+    assert re.search(r"^replay \(Reader \+ Model \+ report\): best [\d,]+ events/s",
                      p.stdout, re.M), p.stdout
     assert re.search(r"^target >= 1,000,000 events/s: (MET|MISSED)$", p.stdout, re.M)
 

@@ -178,3 +178,29 @@ def func_layouts_61(ptw) -> list[EventLayout]:
     status = by_name(tps)["mm_collapse_huge_page"].fmt.symbols["status"]
     return tps + funcprobes.layouts(funcprobes.plan(FakeBtf(FUNCS_61), set(FUNCS_61), ptw),
                                     len(tps), status)
+
+
+def stream_header(lays: list[EventLayout], flag_bits: dict[str, int] | None = None,
+                  settings: dict[str, str] | None = None, pagemap_ref: str | None = None) -> dict:
+    """A capture header for these layouts (function-probe ones included)."""
+    h = capture_header("6.18", "test")
+    h.update(events=header_events(lays), attached={lay.name: None for lay in lays},
+             vma_flag_bits=dict(flag_bits or {}), pagemap_ref=pagemap_ref,
+             settings=dict(settings or {"enabled": "always [madvise] never"}))
+    return h
+
+
+def model_of(lays: list[EventLayout], batches: list[tuple[EventLayout, list[bytes]]],
+             flag_bits: dict[str, int] | None = None, end: bool = True, **kw: object):
+    """A khmon Model fed these record batches (one R part each), then an end part."""
+    from khmon.model.model import Model
+    from khmon.stream.parts import Part
+
+    header = stream_header(lays, flag_bits, kw.pop("settings", None), kw.pop("pagemap_ref", None))
+    m = Model(header, lays, **kw)
+    for lay, recs in batches:
+        m.add(Part("R", event=lay.index, data=b"".join(recs)))
+    if end:
+        # as a capture that lost nothing: the probes saw what the records count
+        m.add(Part("E", meta=stats_meta({ec.lay.name: ec.total for ec in m.events}, {})))
+    return m

@@ -56,7 +56,7 @@ def test_defines(src_6_18: str) -> None:
         "NR_EVENTS": "6", "RINGBUF_PAGES": "1024", "DEDUP_SLOTS": "32768", "NR_CPU_IDS": "2",
         "DEDUP_INSTALL": "0x40000000U", "DEDUP_FLUSH": "0x80000000U", "FILTER_TGID": "0",
         "HAVE_OWNER": "1", "MM_OWNER_OFF": "1296", "TASK_TGID_OFF": "1268",
-        "TASK_COMM_OFF": "1752",
+        "TASK_COMM_OFF": "1752", "UFFD_MASK": "0x0ULL",
     }
     # the defines come before the template's first use of them
     assert src_6_18.index("#define RINGBUF_PAGES") < src_6_18.index("BPF_RINGBUF_OUTPUT")
@@ -159,3 +159,19 @@ def test_sets_follow_the_payloads_place_in_memory(src_6_18: str) -> None:
     src = generate(func_layouts_72(), OwnerOffsets(1, 2, 3), ProbeConfig(), nr_cpu_ids=2,
                    func_mode="kfunc")
     assert _set_line(src, "fn_pmd_scan") == "(*(u64 *)&r.b[8] >> 21)"
+
+
+def test_collapse_tracepoints_are_counted_exactly(src_6_18: str) -> None:
+    # 6.18's mm_collapse_huge_page has status (int at format offset 20: body 12) and no order:
+    # counted as PMD order, not timed, success = status 1 in its table. After -p, before
+    # the ring buffer, so a record the buffer refuses is still counted.
+    prog = src_6_18[src_6_18.index("int khmon_mm_collapse_huge_page(void *ctx)"):]
+    prog = prog[:prog.index("\n}\n")]
+    assert "__builtin_memcpy(&x_status, &r.b[12], 4);" in prog
+    assert "u32 x_order = 9;" in prog
+    assert "khmon_exact(ev, x_order, x_status, KHMON_UFFD_UNKNOWN, 0, 0, 1);" in prog
+    assert prog.index("khmon_excluded") < prog.index("khmon_exact(") < prog.index("ringbuf_output")
+    assert "khmon_lost_at(mm, 0);" in prog  # a tracepoint record names no PMD
+    # deduplicated scans are not: their counts come from the dedup slots
+    scan = src_6_18[src_6_18.index("int khmon_mm_khugepaged_scan_pmd(void *ctx)"):]
+    assert "khmon_exact(" not in scan[:scan.index("\n}\n")]

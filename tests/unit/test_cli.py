@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from khdata import by_name, capture_header, layouts, pack, stats_meta
 
-from khmon.stream.recording import Part, Writer
+from khmon.stream.parts import Part
+from khmon.stream.recording import Writer
 
 _SCRIPT = Path(sys.executable).parent / "khmon"
 KHMON = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-c",

@@ -49,13 +49,15 @@ def test_generated_c_for_fentry_and_kprobes() -> None:
     assert [f.name for f in scan.fields] == ["mm", "address", "vm_start", "vm_end", "vm_flags",
                                              "result"]
     assert scan.hot and not col.hot
-    assert [f.name for f in col.fields] == ["mm", "address", "order", "present", "duration_ns",
-                                            "result"]
+    assert [f.name for f in col.fields] == ["mm", "address", "order", "present", "vm_flags",
+                                            "in_pmd_scan", "duration_ns", "result"]
     present = col.fmt.field("present")
     assert (present.offset, present.size) == (8 + 20, 64)  # after mm, address, order: unaligned
     assert col.fmt.symbol("result", 1) == "succeeded"
     owner = OwnerOffsets(1296, 1268, 1752)
-    kf = generate(tps + fl, owner, ProbeConfig(), nr_cpu_ids=2, func_mode="kfunc")
+    kf = generate(tps + fl, owner, ProbeConfig(), nr_cpu_ids=2, func_mode="kfunc",
+                  uffd_mask=(1 << 9) | (1 << 12))
+    assert "#define UFFD_MASK 0x1200ULL" in kf
     assert "KFUNC_PROBE(collapse_single_pmd)\n{" in kf
     assert "KRETFUNC_PROBE(collapse_huge_page)\n{" in kf
     assert "int ret = (int)ctx[6];" in kf  # fexit: the return value follows the 6 arguments
@@ -65,6 +67,18 @@ def test_generated_c_for_fentry_and_kprobes() -> None:
     pmd_exit = kf[kf.index("KRETFUNC_PROBE(collapse_single_pmd)"):]
     pmd_exit = pmd_exit[:pmd_exit.index("\n}\n")]
     assert "int ret = (int)ctx[4];" in pmd_exit and "dsets_fn_pmd_scan.lookup(&at)" in pmd_exit
+    # the collapse exit takes its VMA's flags from the per-PMD call's stash (offset 32 of its
+    # body: mm, address, vm_start, vm_end, then vm_flags), into its record (offset 84 of
+    # fn_collapse: after the bitmap at 20..84), and counts itself exactly, uffd split, timed
+    col_exit = kf[kf.index("KRETFUNC_PROBE(collapse_huge_page)"):]
+    col_exit = col_exit[:col_exit.index("\n}\n")]
+    assert "struct fstash_fn_pmd_scan *ps = fstash_fn_pmd_scan.lookup(&tid);" in col_exit
+    assert "__builtin_memcpy(&vmf, &ps->b[32], 8);" in col_exit
+    assert "__builtin_memcpy(&r.b[88], &vmf, 8);" in col_exit
+    assert "uffd = (vmf & UFFD_MASK) ? KHMON_UFFD_YES : KHMON_UFFD_NO;" in col_exit
+    assert "khmon_exact(ev, x_order, x_status, uffd, dur, 1, 1);" in col_exit
+    assert col_exit.index("khmon_exact(") < col_exit.index("events.ringbuf_output")
+    assert "khmon_lost_at(mm, (*(u64 *)&r.b[8] & ~((1ULL << 21) - 1)));" in col_exit
     kp = generate(tps + fl, owner, ProbeConfig(), nr_cpu_ids=2, func_mode="kprobe")
     assert "int khmon_ret_fn_collapse(struct pt_regs *ctx)" in kp
     assert "PT_REGS_RC(ctx)" in kp and "PT_REGS_PARM6(ctx)" in kp

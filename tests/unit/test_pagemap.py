@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from khmon.capture.pagemap_sampler import PagemapSampler
 from khmon.errors import KhmonError
 from khmon.kernel import pagemap
-from khmon.kernel.pagemap import PagemapSampler, PfnIndex, read_pmd
+from khmon.kernel.pagemap import PfnIndex, read_pmd
 
 PID = 4242
 BASE = 0x4000_0000  # 1 GiB: low, so the sparse pagemap file stays small

@@ -1,12 +1,16 @@
-"""pmd.PmdCorrelator and the grid view: PMD records from hand-packed 7.2 function-probe and
-isolate records, checked against bitmaps and offsets computed here by hand."""
+"""The PMD correlator (khmon.model.correlate) and the grid view: PMD records from
+hand-packed 7.2 function-probe and isolate records, checked against bitmaps and offsets
+computed here by hand."""
 
 from __future__ import annotations
 
-from khdata import by_name, func_layouts_72, pack
+from khdata import START_NS as START
+from khdata import by_name, func_layouts_72, model_of, pack, stream_header
 
-from khmon.model.correlate import PmdCorrelator, bitmap_bits
+from khmon.capture.ringbuf import group_runs
+from khmon.model.model import Model
 from khmon.outputs.text import render_grid
+from khmon.stream.parts import Part
 
 LAYS = by_name(func_layouts_72())
 SCAN, COL, ISO = LAYS["fn_pmd_scan"], LAYS["fn_collapse"], LAYS["mm_collapse_huge_page_isolate"]
@@ -27,9 +31,11 @@ def scan(count: int, result: str, flags: int, address: int = PMD + 0x1234) -> by
 
 
 def attempt(offset: int, order: int, result: str, ts: int, dur: int,
-            bitmap: bytes = EVERY4TH) -> bytes:
+            bitmap: bytes = EVERY4TH, flags: int | None = None) -> bytes:
+    """A collapse_huge_page record; `flags`: the VMA flags of the per-PMD call it ran in."""
+    inside = {} if flags is None else {"vm_flags": flags, "in_pmd_scan": 1}
     return pack(COL.fmt, COL.index, ts=ts, mm=MM, address=PMD + offset * 4096, order=order,
-                present=bitmap, duration_ns=dur, result=STATUS[result], **owner())
+                present=bitmap, duration_ns=dur, result=STATUS[result], **inside, **owner())
 
 
 def isolate(status: str, ts: int, tid: int = 37) -> bytes:
@@ -38,10 +44,8 @@ def isolate(status: str, ts: int, tid: int = 37) -> bytes:
 
 
 def correlate(*batches: tuple) -> list[dict]:
-    c = PmdCorrelator(list(LAYS.values()), BITS)
-    for lay, recs in batches:
-        c.add(lay.index, b"".join(recs))
-    return c.records()
+    """The PMD records of a stream of these batches, ended."""
+    return model_of(list(LAYS.values()), list(batches), BITS).report()["pmds"]
 
 
 def test_a_uffd_pmd_with_failed_attempts() -> None:
@@ -81,12 +85,6 @@ def test_pmds_are_told_apart_and_sorted_by_attempts() -> None:
     assert [(r["address"], r["scans"], len(r["attempts"])) for r in recs] == [
         (hex(PMD), 1, 1), (hex(other), 3, 0)]
     assert recs[1]["uffd"] is False and recs[1]["bitmap"] is None
-
-
-def test_bitmap_bits_order() -> None:
-    b = bytearray(64)
-    b[0], b[63] = 0b0000_0101, 0b1000_0000  # PTEs 0, 2 and 511
-    assert [i for i, x in enumerate(bitmap_bits(bytes(b))) if x] == [0, 2, 511]
 
 
 def test_grid_marks_present_ptes_and_attempted_ranges() -> None:
@@ -138,9 +136,8 @@ def test_ptwalk_bitmap_on_6_1() -> None:
                   result=result["exceed_none_pte"], **owner())
     huge = pack(scan61.fmt, scan61.index, count=3, mm=MM, address=PMD + (2 << 20),
                 walk=-7, result=result["page_pmd_mapped"], **owner())
-    c = PmdCorrelator(list(lays.values()), BITS)
-    c.add(scan61.index, walked + huge)
-    a, b = sorted(c.records(), key=lambda r: r["address"])
+    a, b = sorted(model_of(list(lays.values()), [(scan61, [walked, huge])], BITS).report()["pmds"],
+                  key=lambda r: r["address"])
     assert (a["bitmap"], a["bitmap_source"], a["present"], a["ptes"]) == (
         "ff" * 32 + "00" * 32, "ptwalk", 256, {"none": 255, "swap": 1, "zero": 0})
     assert (a["scans"], a["verdict"]) == (7, "exceed_none_pte")
@@ -184,16 +181,16 @@ def test_pagemap_samples_on_a_tracepoint_only_kernel() -> None:
     tps = by_name(layouts("6.18"))
     sp = tps["mm_khugepaged_scan_pmd"]
     status = {v: k for k, v in sp.fmt.symbols["status"].items()}
-    c = PmdCorrelator(list(tps.values()), {}, "pfn")
-    assert c.active
-    c.add(sp.index, pack(sp.fmt, sp.index, count=2, mm=MM, pfn=0x1234,
-                         status=status["exceed_none_pte"], **owner()))
+    m = model_of(list(tps.values()), [(sp, [pack(sp.fmt, sp.index, count=2, mm=MM, pfn=0x1234,
+                                                 status=status["exceed_none_pte"], **owner())])],
+                 end=False, pagemap_ref="pfn")
+    assert m.pmds.active
     zero = bytearray(64)
     zero[0] = 0b10
-    c.add_pages({"mm": MM, "pid": 4242, "comm": "khmon-workload", "ref": 0x1234,
-                 "pfn": 0x1234, "address": PMD, "present": "77" * 64, "zero": zero.hex(),
-                 "swap": "00" * 64, "none": 128, "shared": 0})
-    (p,) = c.records()
+    m.add(Part("P", meta={"mm": MM, "pid": 4242, "comm": "khmon-workload", "ref": 0x1234,
+                          "pfn": 0x1234, "address": PMD, "present": "77" * 64, "zero": zero.hex(),
+                          "swap": "00" * 64, "none": 128, "shared": 0}))
+    (p,) = m.report()["pmds"]
     assert (p["pid"], p["address"], p["bitmap_source"], p["scans"], p["verdict"]) == (
         4242, hex(PMD), "pagemap", 2, "exceed_none_pte")
     assert p["bitmap"] == "75" + "77" * 63 and p["present"] == 383
@@ -201,13 +198,11 @@ def test_pagemap_samples_on_a_tracepoint_only_kernel() -> None:
 
 
 def test_pagemap_never_replaces_a_better_source() -> None:
-    (col,) = [LAYS["fn_collapse"]]
-    c = PmdCorrelator(list(LAYS.values()), BITS)
-    c.add(col.index, attempt(0, 9, "succeeded", ts=1, dur=1))
-    c.add_pages({"mm": MM, "pid": 4242, "ref": 1, "pfn": 1, "address": PMD,
-                 "present": "ff" * 64, "zero": "00" * 64, "swap": "00" * 64, "none": 0,
-                 "shared": 0})
-    (p,) = c.records()
+    m = model_of(list(LAYS.values()), [(COL, [attempt(0, 9, "succeeded", ts=1, dur=1)])], BITS)
+    m.add(Part("P", meta={"mm": MM, "pid": 4242, "ref": 1, "pfn": 1, "address": PMD,
+                          "present": "ff" * 64, "zero": "00" * 64, "swap": "00" * 64, "none": 0,
+                          "shared": 0}))
+    (p,) = m.report()["pmds"]
     assert (p["bitmap_source"], p["bitmap"]) == ("kernel", "77" * 64)
 
 
@@ -225,13 +220,11 @@ def test_inferred_bitmap_where_no_source_reads_the_ptes() -> None:
                     **owner())
 
     def record(max_ptes_none: str, *batches: tuple) -> dict:
-        c = PmdCorrelator(list(lays.values()), BITS, None,
-                          {"enabled": "madvise", "khugepaged/max_ptes_none": max_ptes_none})
-        for lay, data in batches:
-            c.add(lay.index, data)
-        (p,) = c.records()
+        m = model_of(list(lays.values()), [(lay, [data]) for lay, data in batches], BITS,
+                     settings={"enabled": "madvise", "khugepaged/max_ptes_none": max_ptes_none})
+        (p,) = m.report()["pmds"]
         # live views ask again and again: the inference is never stored as the PMD's bitmap
-        assert c.records() == [p] and c.pmds[(MM, PMD)].bitmap is None
+        assert m.report()["pmds"] == [p] and m.pmds.pmds[(MM, 4242, PMD)].bitmap is None
         return p
 
     p = record("0", (col, collapse))
@@ -253,7 +246,6 @@ def test_interleaved_pmds_in_one_poll_keep_their_pass_bitmaps() -> None:
     # closed A's pass before scan A arrived: the CI failure of a pass without a bitmap.)
     from khdata import func_layouts_61
 
-    from khmon.capture.loader import LiveProbes
     from khmon.capture.ptwalk import PtWalkPlan
 
     lays = by_name(func_layouts_61(PtWalkPlan(72, 1, None, None, 2, None, None)))
@@ -271,14 +263,138 @@ def test_interleaved_pmds_in_one_poll_keep_their_pass_bitmaps() -> None:
 
     a, b = PMD, PMD + (2 << 20)
     full, half = bytes([0xFF]) * 64, bytes([0xFF]) * 32 + bytes(32)
-    probes = object.__new__(LiveProbes)
-    probes._pending = [collapse(a, 10), walked(a, 11, full), collapse(b, 20),
-                       walked(b, 21, half)]
-    probes.resolver = type("Identity", (), {"resolve": staticmethod(lambda raw: raw)})()
-    runs = probes._take()
+    identity = type("Identity", (), {"resolve": staticmethod(lambda raw: raw)})()
+    runs = group_runs([collapse(a, 10), walked(a, 11, full), collapse(b, 20),
+                       walked(b, 21, half)], identity)
     assert [ev for ev, _ in runs] == [col.index, scan61.index] * 2
-    c = PmdCorrelator(list(lays.values()), BITS)
+    m = Model(stream_header(list(lays.values()), BITS), list(lays.values()))
     for ev, data in runs:
-        c.add(ev, data)
-    got = {p["address"]: [ps["bitmap"] for ps in p["passes"]] for p in c.records()}
+        m.add(Part("R", event=ev, data=data))
+    got = {p["address"]: [ps["bitmap"] for ps in p["passes"]] for p in m.report()["pmds"]}
     assert got == {hex(a): [full.hex()], hex(b): [half.hex()]}
+
+
+# --- the streaming core: reading is pure, passes close on the stream, memory is bounded ----
+
+def stream() -> Model:
+    return Model(stream_header(list(LAYS.values()), BITS), list(LAYS.values()))
+
+
+def feed(m: Model, lay: object, *recs: bytes) -> None:
+    m.add(Part("R", event=lay.index, data=b"".join(recs)))
+
+
+def passes(m: Model) -> list[tuple]:
+    (p,) = m.report()["pmds"]
+    return [(ps["count"], ps.get("open", False), [(a["offset"], a["order"])
+                                                  for a in ps["attempts"]]) for ps in p["passes"]]
+
+
+def test_a_read_in_the_middle_of_a_pass_changes_nothing() -> None:
+    # The review's case: a read between (0,9) and (0,8) must not split the pass in two.
+    m = stream()
+    feed(m, COL, attempt(0, 9, "exceed_none_pte", ts=100, dur=10))
+    assert passes(m) == [(1, True, [(0, 9)])]  # shown open, not closed
+    m.snapshot()
+    feed(m, COL, attempt(0, 8, "exceed_none_pte", ts=200, dur=10))
+    m.add(Part("E", meta={"mono_ns": START + 300}))
+    assert passes(m) == [(1, False, [(0, 9), (0, 8)])]
+    assert m.report()["wasted"]["by_reason"]["order_cascade"]["attempts"] == 1
+
+
+def test_the_per_pmd_exit_ends_the_pass_and_an_idle_pass_ends_at_a_stats_tick() -> None:
+    m = stream()
+    feed(m, COL, attempt(0, 9, "exceed_none_pte", ts=START + 100, dur=10))
+    feed(m, SCAN, scan(1, "exceed_none_pte", BITS["uffd_missing"]))
+    assert passes(m) == [(1, False, [(0, 9)])]  # collapse_single_pmd returned: closed
+    later = START + 10_000
+    feed(m, COL, attempt(0, 9, "exceed_none_pte", ts=later, dur=10))
+    m.add(Part("S", meta={"mono_ns": later + 1_000_000_000}))  # 1 s later: may go on
+    assert passes(m) == [(1, False, [(0, 9)]), (1, True, [(0, 9)])]
+    m.add(Part("S", meta={"mono_ns": later + 3_000_000_000}))  # 3 s idle: over
+    assert passes(m) == [(2, False, [(0, 9)])]
+
+
+def test_a_recycled_mm_is_a_new_process() -> None:
+    # pid 4242 exits; its mm address comes back for pid 5151. The new process does not
+    # inherit 4242's attempts, and 4242 is known to be gone.
+    m = stream()
+    feed(m, COL, attempt(0, 9, "exceed_none_pte", ts=1, dur=1))
+    new = pack(COL.fmt, COL.index, ts=2, mm=MM, address=PMD, order=9, present=EVERY4TH,
+               duration_ns=1, result=STATUS["succeeded"],
+               **{**owner(), "tid": 38, "owner_tgid": 5151, "owner_comm": b"newcomer"})
+    feed(m, COL, new)
+    r = m.report()
+    got = {(p["pid"], p["comm"]): [a["status"] for a in p["attempts"]] for p in r["pmds"]}
+    assert got == {(4242, "khmon-workload"): ["exceed_none_pte"], (5151, "newcomer"): ["succeeded"]}
+    old = m.processes.procs[(MM, 4242)]
+    assert old.exited_ns is not None and m.processes.procs[(MM, 5151)].exited_ns is None
+
+
+def test_exited_processes_are_forgotten_after_their_grace() -> None:
+    m = Model(stream_header(list(LAYS.values()), BITS), list(LAYS.values()), exit_grace_s=5)
+    feed(m, COL, attempt(0, 9, "exceed_none_pte", ts=START + 1, dur=1))
+    m.add(Part("S", meta={"mono_ns": START + 1_000_000_000, "exited": [4242]}))
+    assert len(m.report()["pmds"]) == 1  # still shown for a while
+    m.add(Part("S", meta={"mono_ns": START + 7_000_000_000}))
+    r = m.report()
+    assert r["pmds"] == [] and r["processes"] == []
+    assert r["model"]["pmds_evicted"] == {"exited": 1}
+    assert r["model"]["processes_forgotten"] == {"exited": 1}
+    # totals stay: they only ever grow
+    assert r["wasted"]["by_reason"]["uffd_isolate"]["attempts"] + \
+        r["wasted"]["by_reason"]["alloc_then_fail"]["attempts"] == 1
+
+
+def test_pmd_records_are_capped_least_recently_active_first() -> None:
+    m = Model(stream_header(list(LAYS.values()), BITS), list(LAYS.values()), pmd_cap=3)
+    for i in range(5):
+        feed(m, SCAN, scan(1, "exceed_none_pte", 0, address=PMD + (i << 21)))
+    feed(m, SCAN, scan(1, "exceed_none_pte", 0, address=PMD + (2 << 21)))  # touch the third
+    feed(m, SCAN, scan(1, "exceed_none_pte", 0, address=PMD + (9 << 21)))
+    r = m.report()
+    assert sorted(int(p["address"], 16) - PMD >> 21 for p in r["pmds"]) == [2, 4, 9]
+    assert r["model"]["pmds_evicted"] == {"lru": 3} and r["model"]["pmds_tracked"] == 3
+    assert r["scan_pmd"] == {"by_status": {}}  # fn scans are not tracepoint scans
+    assert r["functions"]["pmd_scans"]["calls"] == 7  # but every scan is still counted
+
+
+def test_a_tracepoint_only_stream_queues_no_isolate_events() -> None:
+    # On the CI host (tracepoints only) nothing would ever claim isolate or swap-in events:
+    # they are counted, never queued, however many arrive.
+    from khdata import layouts
+
+    tps = by_name(layouts("6.18"))
+    iso = tps["mm_collapse_huge_page_isolate"]
+    m = model_of(list(tps.values()), [], end=False)
+    for _ in range(10):
+        feed(m, iso, *[pack(iso.fmt, iso.index, ts=t, tid=t % 7, status=1) for t in range(10_000)])
+    assert m.events[iso.index].total == 100_000
+    assert not m.pmds._isolates and not m.pmds._swapins and not m.pmds.pmds
+    assert len(m.processes) == 0
+
+
+def test_lost_detail_is_marked_on_the_pmd_records_it_touched() -> None:
+    m = stream()
+    feed(m, COL, attempt(0, 9, "exceed_none_pte", ts=1, dur=1))
+    m.add(Part("S", meta={"mono_ns": 2, "lost_pmds": [[MM, PMD, 3], [MM, 0, 2]]}))
+    m.add(Part("S", meta={"mono_ns": 3, "lost_pmds": [[MM, PMD, 5]]}))
+    r = m.report()
+    assert r["pmds"][0]["detail_lost"] == 5
+    assert r["processes"][0]["detail_lost"] == 2
+
+
+def test_settings_changes_are_epochs_that_passes_remember() -> None:
+    m = stream()
+    feed(m, COL, attempt(0, 9, "exceed_none_pte", ts=1, dur=1))
+    feed(m, SCAN, scan(1, "exceed_none_pte", 0))
+    m.add(Part("S", meta={"mono_ns": START + 1_000_000_000,
+                          "settings": {"enabled": "always [madvise] never",
+                                       "khugepaged/max_ptes_none": "0"}}))
+    feed(m, COL, attempt(0, 9, "exceed_none_pte", ts=START + 2_000_000_000, dur=1))
+    m.add(Part("E", meta={"mono_ns": START + 3_000_000_000}))
+    r = m.report()
+    assert [ps["settings_epoch"] for ps in r["pmds"][0]["passes"]] == [0, 1]
+    assert r["settings_changes"] == [{"seconds": 1.0, "epoch": 1, "settings": {
+        "enabled": "always [madvise] never", "khugepaged/max_ptes_none": "0"}}]
+    assert r["settings"]["khugepaged/max_ptes_none"] == "0"

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from khmon.capture import ptwalk
-from khmon.capture.ptwalk import PtWalkPlan, c_code, decode, kallsyms_addresses, plan, plan_or_reason
+from khmon.capture.ptwalk import PtWalkPlan, c_code, decode, plan, plan_or_reason
+from khmon.kernel.kallsyms import addresses as kallsyms_addresses
 
 MM_PGD = 72  # Debian 6.1.0-56's BTF
 # Addresses as 6.1's kallsyms lists them (randomized by KASLR, so any value will do).

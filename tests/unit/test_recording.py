@@ -13,7 +13,8 @@ from khdata import layouts
 
 from khmon.errors import KhmonError
 from khmon.stream.layout import header_events
-from khmon.stream.recording import Part, Reader, Writer
+from khmon.stream.parts import Part
+from khmon.stream.recording import Reader, Writer
 
 # The documented format, written out here: magic, u16 version, frames <kind:u8><len:u32><crc:u32>
 MAGIC = b"\x89KHMON\r\n\x1a\n"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from khmon.capture import loader as probes
-from khmon.capture.loader import _Refusals, trampoline_would_block
+from khmon.capture import fentry as probes
+from khmon.capture.fentry import _Refusals, trampoline_would_block
 
 PROG = ("KFUNC_PROBE(collapse_huge_page)\n{\n    u32 ev = 8;\n"
         "    return 0;\n}\n")

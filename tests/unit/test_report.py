@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from khdata import END_COUNTERS, START_COUNTERS, by_name, capture_header, layouts, pack, stats_meta
 
-from khmon.model.model import Aggregator
+from khmon.model.model import Model
 from khmon.outputs.text import render_report
-from khmon.stream.recording import Part
+from khmon.stream.parts import Part
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def report_6_18() -> dict:
     lays = by_name(layouts("6.18"))
     scan, col = lays["mm_khugepaged_scan_pmd"], lays["mm_collapse_huge_page"]
     kw = {"tid": 50, "tgid": 50, "comm": b"khugepaged"}
-    agg = Aggregator(header)
+    agg = Model(header)
     # scan_pmd: 1 success, 1000 repeats of exceed_none_pte (a drain), 3 more for pid 200,
     # 2 pmd_none with the owner unknown; split over two R parts
     agg.add(Part("R", event=scan.index, data=b"".join([
@@ -39,7 +39,7 @@ def report_6_18() -> dict:
         seen={"mm_khugepaged_scan_pmd": 1010, "mm_collapse_huge_page": 2,
               "mm_collapse_huge_page_isolate": 5},
         lost={"mm_khugepaged_scan_pmd": 4})))
-    return agg.result(["a warning"])
+    return agg.report(["a warning"])
 
 
 def test_events(report_6_18: dict) -> None:
@@ -121,9 +121,9 @@ def test_render_6_18(report_6_18: dict) -> None:
 
 
 def test_incomplete_stream_uses_last_stats() -> None:
-    agg = Aggregator(capture_header("6.18", "6.18.44"))
+    agg = Model(capture_header("6.18", "6.18.44"))
     agg.add(Part("S", meta=stats_meta({"mm_khugepaged_scan_pmd": 3}, {}, secs=1.25)))
-    r = agg.result()
+    r = agg.report()
     assert r["window"]["seconds"] == 1.25
     assert r["window"]["complete"] is False
     assert r["accounting"]["mm_khugepaged_scan_pmd"]["unaccounted"] == 3
@@ -131,7 +131,7 @@ def test_incomplete_stream_uses_last_stats() -> None:
 
 
 def test_no_stats_at_all() -> None:
-    r = Aggregator(capture_header("6.18", "6.18.44")).result()
+    r = Model(capture_header("6.18", "6.18.44")).report()
     assert r["window"]["seconds"] == 0
     assert r["kernel_counters"]["delta"] == {k: 0 for k in START_COUNTERS}
     assert r["lost_events"] == 0
@@ -146,7 +146,7 @@ def report_7_2() -> dict:
     col, scan, pass_ = (lays["mm_collapse_huge_page"], lays["mm_khugepaged_scan_pmd"],
                         lays["mm_khugepaged_scan"])
     own = {"owner_tgid": 300, "owner_comm": b"uffd"}
-    agg = Aggregator(header)
+    agg = Model(header)
     agg.add(Part("R", event=col.index, data=b"".join([
         # 7.2 numbering: 4 exceed_none_pte, 13 not_suitable_page_count, 1 succeeded
         # (orders out of order on purpose: the report sorts them)
@@ -167,7 +167,7 @@ def report_7_2() -> dict:
                            **own)))
     agg.add(Part("E", meta=stats_meta({"mm_collapse_huge_page": 5, "mm_khugepaged_scan_pmd": 11,
                                  "mm_khugepaged_scan": 5}, {})))
-    return agg.result()
+    return agg.report()
 
 
 def test_7_2_by_order(report_7_2: dict) -> None:
@@ -213,7 +213,7 @@ def test_render_7_2(report_7_2: dict) -> None:
 def test_pid_filter_in_report() -> None:
     h = capture_header("6.18", "6.18.44")
     h["options"]["pid"] = 1234
-    r = Aggregator(h).result()
+    r = Model(h).report()
     assert r["filter"] == {"pid": 1234}
     assert ", pid 1234 only" in render_report(r).splitlines()[0]
 
@@ -221,11 +221,11 @@ def test_pid_filter_in_report() -> None:
 def test_kernel_skipped_runs_count_as_lost() -> None:
     # recursion_misses from the prog's fdinfo: events khmon never saw, counted as lost.
     header = capture_header("6.18", "6.18.44")
-    agg = Aggregator(header)
+    agg = Model(header)
     meta = stats_meta({"mm_collapse_huge_page": 0}, {"mm_collapse_huge_page": 2})
     meta["probe"]["missed"] = {"mm_collapse_huge_page": 3}
     agg.add(Part("E", meta=meta))
-    r = agg.result()
+    r = agg.report()
     assert r["lost_events"] == 5
     assert r["accounting"]["mm_collapse_huge_page"]["missed"] == 3
 
@@ -247,10 +247,10 @@ def test_a_lost_collapse_record_turns_the_inference_off() -> None:
                 duration_ns=100, result=ok, owner_tgid=321, owner_comm=b"wl")
 
     def pmd(lost: int) -> dict:
-        agg = Aggregator(header, lays)
+        agg = Model(header, lays)
         agg.add(Part("R", event=col.index, data=data))
         agg.add(Part("E", meta=stats_meta({"fn_collapse": 1 + lost}, {"fn_collapse": lost})))
-        (p,) = agg.result()["pmds"]
+        (p,) = agg.report()["pmds"]
         return p
 
     assert (pmd(0)["bitmap_source"], pmd(0)["bitmap_known"]) == ("inferred", "ff" * 64)

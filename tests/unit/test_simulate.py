@@ -1,6 +1,7 @@
 """simulate: the mTHP collapse decision of the v17 (stack) and v19 (linear walk, Linux 7.2)
 series, on hand-worked PMDs. Each case shows the walk it expects, worked from the kernel
-code quoted in khmon/simulate.py."""
+code quoted in khmon/model/khugepaged.py; replay (khmon.outputs.whatif) on hand-built
+PMD records."""
 
 from __future__ import annotations
 
@@ -10,18 +11,16 @@ from collections import Counter
 import pytest
 
 from khmon.geometry import PMD_ORDER, PTES
-from khmon.model.correlate import bitmap_bits
 from khmon.model.khugepaged import (
     ALGORITHMS,
     Attempt,
     Outcome,
     Settings,
-    bitmap_from_hex,
     max_order_from_offset,
-    replay,
     settings_from_sysfs,
     simulate,
 )
+from khmon.outputs import whatif
 
 ALL = (1 << PTES) - 1
 # every 4th PTE empty: PTEs 3, 7, 11 ... clear, so each byte is 0b0111_0111 (as in test_pmd)
@@ -299,19 +298,9 @@ def test_settings_from_sysfs_7_2() -> None:
     assert settings_from_sysfs(always, vma_hugepage=False).orders == frozenset(range(4, 10))
 
 
-def test_bitmap_from_hex() -> None:
-    # 64 bytes in memory order, bit k of byte j = PTE 8j+k.
-    assert bitmap_from_hex("01" + "00" * 63) == ptes(0)
-    assert bitmap_from_hex("80" + "00" * 63) == ptes(7)
-    assert bitmap_from_hex("00" + "01" + "00" * 62) == ptes(8)
-    assert bitmap_from_hex("00" * 63 + "80") == ptes(511)
-    assert bitmap_from_hex("77" * 64) == EVERY4TH
-    h = (ptes(3, (100, 140), 511)).to_bytes(64, "little").hex()
-    n = bitmap_from_hex(h)
-    assert [bool(n >> i & 1) for i in range(PTES)] == bitmap_bits(bytes.fromhex(h))
-    assert n.to_bytes(64, "little").hex() == h
-    with pytest.raises(ValueError, match="64 bytes"):
-        bitmap_from_hex("00" * 8)
+def replay(pmds: list[dict], algo: str, s: Settings, **kw: bool) -> dict:
+    """whatif.replay with one set of settings for every pass."""
+    return whatif.replay(pmds, algo, lambda _epoch: s, **kw)
 
 
 def _pass(o: Outcome, bitmap: int, count: int = 1) -> dict:

@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "daemon"))
 
 from khmon.capture import ptwalk  # noqa: E402
+from khmon.kernel import kallsyms  # noqa: E402
 from khmon.workload import PMD_SIZE, PTES, anon_huge_kb, full_scans, pattern_bits  # noqa: E402
 
 PATTERNS = ("full", "every4th-empty", "first-half", "one-page", "random")
@@ -322,7 +323,7 @@ def main() -> int:
     from khmon.kernel.btf import Btf
 
     btf = Btf.from_kernel()
-    plan, why = ptwalk.plan_or_reason(btf, ptwalk.kallsyms_addresses(ptwalk.SYMBOLS))
+    plan, why = ptwalk.plan_or_reason(btf, kallsyms.addresses(ptwalk.SYMBOLS))
     if plan is None:
         log(f"FAIL: no ptwalk plan on this kernel: {why}")
         return 1

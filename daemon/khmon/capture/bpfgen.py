@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..geometry import PAGE_SHIFT, PMD_ORDER
 from ..kernel.tpformat import Field
+from ..stream.events import FN_PMD_SCAN, SUCCEEDED
 from ..stream.layout import (
     COMMON_SIZE,
     DEDUP_FLUSH,
@@ -145,19 +146,64 @@ def _sig(lay: EventLayout, mode: str, exit_: bool = False) -> str:
     return f"int khmon_{n}(void *ctx)"
 
 
-_EMIT = [
-    "    khmon_fill_hdr(&r.h, ev, mm);",
-    "    if (khmon_excluded(&r.h, mm))",
-    "        return 0;",
-    "    seen.increment(ev);",
-    "    if (events.ringbuf_output(&r, sizeof(r), 0) != 0)",
-    "        lost.increment(ev);",
-    "    return 0;",
-    "}",
-]
+def _field_at(lay: EventLayout, name: str) -> Field | None:
+    return next((f for f in lay.fields if f.name == name), None)
 
 
-def _event_code(lay: EventLayout, mode: str) -> str:
+def _read_int(lay: EventLayout, name: str, buf: str, var: str, ctype: str) -> list[str]:
+    """C that copies an integer field of the body into a new variable (0 if absent)."""
+    f = _field_at(lay, name)
+    if f is None:
+        return [f"    {ctype} {var} = 0;"]
+    return [f"    {ctype} {var} = 0;",
+            f"    __builtin_memcpy(&{var}, &{buf}[{f.offset - COMMON_SIZE}], {min(f.size, 8)});"]
+
+
+def ok_value(lay: EventLayout) -> int:
+    """The status value this event names success with; -1 if it has none."""
+    table = lay.fmt.symbols.get(lay.fmt.status_field or "", {})
+    return next((v for v, name in table.items() if name == SUCCEEDED), -1)
+
+
+def counted_exactly(lay: EventLayout) -> bool:
+    """Events counted in the kernel's `exact` map: rare ones (not deduplicated) with a
+    status, collapse attempts above all."""
+    return not lay.hot and lay.fmt.status_field is not None
+
+
+def _emit(lay: EventLayout, uffd: str = "KHMON_UFFD_UNKNOWN", dur: str | None = None) -> list[str]:
+    """Fill the header, apply -p, count exactly (where the event has a status), send; a
+    record the ring buffer refuses is counted lost, against its (mm, PMD) too."""
+    out = ["    khmon_fill_hdr(&r.h, ev, mm);",
+           "    if (khmon_excluded(&r.h, mm))",
+           "        return 0;"]
+    if counted_exactly(lay):
+        order = "" if _field_at(lay, "order") else f"    u32 x_order = {PMD_ORDER};"
+        out += [*_read_int(lay, lay.fmt.status_field, "r.b", "x_status", "int"),
+                *(_read_int(lay, "order", "r.b", "x_order", "u32") if not order else [order]),
+                f"    khmon_exact(ev, x_order, x_status, {uffd}, {dur or 0}, {int(dur is not None)}, "
+                f"{ok_value(lay)});"]
+    return [*out,
+            "    seen.increment(ev);",
+            "    if (events.ringbuf_output(&r, sizeof(r), 0) != 0) {",
+            "        lost.increment(ev);",
+            f"        khmon_lost_at(mm, {_address_expr(lay, 'r.b')});",
+            "    }",
+            "    return 0;",
+            "}"]
+
+
+def _address_expr(lay: EventLayout, buf: str) -> str:
+    """The PMD an event names, as a C expression (0 for events that name none)."""
+    f = _field_at(lay, "address")
+    if f is None or f.size != 8:
+        return "0"
+    return f"(*(u64 *)&{buf}[{f.offset - COMMON_SIZE}] & ~((1ULL << {PAGE_SHIFT + PMD_ORDER}) - 1))"
+
+
+def _event_code(lay: EventLayout, mode: str, scan: EventLayout | None = None) -> str:
+    """The C of one event. `scan`: the per-PMD function's event, whose entry stash a
+    collapse_huge_page exit reads for its VMA (it is generated first)."""
     n, idx = lay.name, lay.index
     strs = f"    char s[{len(lay.strings)}][{STR_LEN}];\n" if lay.strings else ""
     lines = [
@@ -165,10 +211,10 @@ def _event_code(lay: EventLayout, mode: str) -> str:
         f"struct rec_{n} {{\n    struct khmon_hdr h;\n    u8 b[{lay.body_size}];\n{strs}}};",
     ]
     if lay.func is not None and lay.func.exit:
-        return "\n".join(lines + _exit_pair(lay, mode)) + "\n"
+        return "\n".join(lines + _exit_pair(lay, mode, scan)) + "\n"
     if not lay.hot:
         lines += [_sig(lay, mode), "{", f"    struct rec_{n} r = {{}};", f"    u32 ev = {idx};",
-                  *_fill(lay, mode, "r"), *_mm_expr(lay, "r.b"), *_EMIT]
+                  *_fill(lay, mode, "r"), *_mm_expr(lay, "r.b"), *_emit(lay)]
         return "\n".join(lines) + "\n"
     lines += [
         *_dedup_key(lay),
@@ -269,6 +315,7 @@ def _dedup_tail(lay: EventLayout, words: list[str], record_ready: bool = False) 
         "        if (events.ringbuf_output(&r, sizeof(r), 0) != 0) {",
         "            /* Not installed: its repeats would have no record to count against. */",
         "            khmon_add(ev, 1, 1);",
+        f"            khmon_lost_at(mm, {_address_expr(lay, 'r.b')});",
         "            return 0;",
         "        }",
         "    }",
@@ -282,7 +329,34 @@ def _dedup_tail(lay: EventLayout, words: list[str], record_ready: bool = False) 
     ]
 
 
-def _exit_pair(lay: EventLayout, mode: str) -> list[str]:
+def _enclosing_vma(lay: EventLayout, scan: EventLayout | None) -> list[str]:
+    """For a collapse_huge_page exit: the VMA flags of the per-PMD call it ran in (its
+    entry's stash, keyed by thread), into the record, and whether that VMA is
+    userfaultfd-armed (`uffd`). collapse_huge_page takes no VMA, and on 7.2 the per-PMD
+    exit comes after the attempts, so the stash is the only place to learn it in time."""
+    vmf, inside = _field_at(lay, "vm_flags"), _field_at(lay, "in_pmd_scan")
+    scan_flags = _field_at(scan, "vm_flags") if scan is not None else None
+    if vmf is None or inside is None or scan is None or scan_flags is None:
+        return ["    u32 uffd = KHMON_UFFD_UNKNOWN;"]
+    at = scan_flags.offset - COMMON_SIZE
+    return [
+        "    u32 uffd = KHMON_UFFD_UNKNOWN;",
+        "    {",
+        f"        struct fstash_{scan.name} *ps = fstash_{scan.name}.lookup(&tid);",
+        "        if (ps) {",
+        "            u64 vmf = 0;",
+        "            u32 one = 1;",
+        f"            __builtin_memcpy(&vmf, &ps->b[{at}], 8);",
+        f"            __builtin_memcpy(&r.b[{vmf.offset - COMMON_SIZE}], &vmf, 8);",
+        f"            __builtin_memcpy(&r.b[{inside.offset - COMMON_SIZE}], &one, 4);",
+        "            if (UFFD_MASK)",
+        "                uffd = (vmf & UFFD_MASK) ? KHMON_UFFD_YES : KHMON_UFFD_NO;",
+        "        }",
+        "    }",
+    ]
+
+
+def _exit_pair(lay: EventLayout, mode: str, scan: EventLayout | None) -> list[str]:
     """Entry stashes the captured fields per thread; exit adds the result (and the duration)
     and sends, or, for a hot event, deduplicates."""
     n, idx = lay.name, lay.index
@@ -325,8 +399,9 @@ def _exit_pair(lay: EventLayout, mode: str) -> list[str]:
             f"    __builtin_memcpy(&r.b[{dur}], &dur, 8);",
             f"    __builtin_memcpy(&r.b[{res}], &ret, 4);",
             f"    fstash_{n}.delete(&tid);",
+            *_enclosing_vma(lay, scan),
             *_mm_expr(lay, "r.b"),
-            *_EMIT,
+            *_emit(lay, uffd="uffd", dur="dur"),
         ]
     return [
         *([*_dedup_sets(lay), f"BPF_PERCPU_ARRAY(scratch_{n}, struct rec_{n}, 1);"]
@@ -354,11 +429,13 @@ def _exit_pair(lay: EventLayout, mode: str) -> list[str]:
 
 
 def generate(layouts: list[EventLayout], owner: OwnerOffsets, cfg: ProbeConfig, *,
-             nr_cpu_ids: int, text: str | None = None, func_mode: str | None = None) -> str:
+             nr_cpu_ids: int, text: str | None = None, func_mode: str | None = None,
+             uffd_mask: int = 0) -> str:
     """The complete BPF C for these events, placeholders filled. Function-probe events are
     generated as fentry/fexit (func_mode "kfunc") or kprobes ("kprobe"), and left out when
     func_mode is None. `nr_cpu_ids`: one more than the highest possible CPU id (the dedup
-    tables hold one table per CPU)."""
+    tables hold one table per CPU). `uffd_mask`: the VM_UFFD_* bits of vm_flags on this
+    kernel (capture.plan.vma_flag_bits), 0 when unknown."""
     text = template() if text is None else text
     values = {
         "NR_EVENTS": str(len(layouts)),
@@ -372,9 +449,13 @@ def generate(layouts: list[EventLayout], owner: OwnerOffsets, cfg: ProbeConfig, 
         "MM_OWNER_OFF": str(owner.mm_owner or 0),
         "TASK_TGID_OFF": str(owner.task_tgid or 0),
         "TASK_COMM_OFF": str(owner.task_comm or 0),
+        "UFFD_MASK": f"{uffd_mask:#x}ULL",
     }
     defines = "".join(f"#define {key} {val}\n" for key, val in values.items())
-    code = "\n".join(_event_code(lay, func_mode or "") for lay in layouts
+    funcs = [lay for lay in layouts if lay.func is not None and func_mode]
+    scan = next((lay for lay in funcs if lay.name == FN_PMD_SCAN), None)
+    assert scan is None or funcs.index(scan) == 0, "the per-PMD probe's stash must come first"
+    code = "\n".join(_event_code(lay, func_mode or "", scan) for lay in layouts
                      if lay.func is None or func_mode)
     walks = {lay.func.ptwalk for lay in layouts if func_mode and lay.func and lay.func.ptwalk}
     code = "".join(ptwalk_c(w) + "\n" for w in walks) + code

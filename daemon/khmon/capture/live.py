@@ -1,9 +1,15 @@
 """A live capture: probes attached to this kernel, yielding the parts of an event stream.
 
-The stream is the same one a recording holds (recording.Part: a header, record batches,
-a stats part every second, an end part), so recorders, reports and tests consume live
-capture and recordings alike. At the end the probes are detached first, then the ring
-buffer is consumed and the dedup slots emptied, so the final counts are exact.
+The stream is the same one a recording holds (khmon.stream.parts: a header, record batches,
+a stats part every second, pages parts, an end part), so the model, the recorder and tests
+consume live capture and recordings alike. Each record batch is decoded here once
+(khmon.stream.decode) and handed on with its part, for the model to use as it is.
+
+Around the probes' own data the capture adds what only a look at the running system can
+tell, at each stats part: the in-kernel exact counts, the settings when they changed, the
+owner processes that exited, and the PMDs whose detail records the ring buffer refused. At
+the end the probes are detached first, then the ring buffer is consumed and the dedup slots
+emptied, so the final counts are exact.
 """
 
 from __future__ import annotations
@@ -14,21 +20,21 @@ import platform
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
-from pathlib import Path
 
 from ..errors import EXIT_BAD_INPUT, KhmonError
+from ..kernel import kallsyms
 from ..kernel.btf import Btf
-from ..kernel.pagemap import PagemapSampler
 from ..kernel.sysfs import read_counters, read_settings
 from ..kernel.tracefs import read_formats
-from ..model.correlate import SCAN_PMD
-from ..model.model import Aggregator
+from ..stream.decode import Batch, Decoder, comm
+from ..stream.events import SCAN_PMD
 from ..stream.layout import EventLayout, build_layouts, header_events, is_page_pointer
-from ..stream.recording import Part, Writer
-from . import plan as funcprobes
-from . import ptwalk
+from ..stream.parts import END, PAGES, RECORDS, STATS, Part
+from . import plan, ptwalk
 from .bpfgen import OwnerOffsets, ProbeConfig
 from .loader import LiveProbes
+from .pagemap_sampler import PagemapSampler, PagemapWorker
+from .procwatch import ProcessWatch
 
 STATS_INTERVAL_S = 1.0
 POLL_MS = 100
@@ -53,11 +59,15 @@ def kernel_layouts(btf: Btf, ptwalk_bitmaps: bool = True) -> list[EventLayout]:
     status = next((lay.fmt.symbols.get("status", {}) for lay in layouts
                    if lay.name == "mm_collapse_huge_page"), {})
     # One pass over /proc/kallsyms (tens of thousands of lines) for functions and data.
-    syms = ptwalk.kallsyms_addresses((*funcprobes.PMD_ENTRY_FUNCS, funcprobes.COLLAPSE_FUNC,
-                                      *ptwalk.SYMBOLS))
+    syms = kallsyms.addresses((*plan.PMD_ENTRY_FUNCS, plan.COLLAPSE_FUNC, *ptwalk.SYMBOLS))
     walk = ptwalk.plan(btf, syms) if ptwalk_bitmaps else None
-    funcs = funcprobes.plan(btf, set(syms), walk)
-    return layouts + funcprobes.layouts(funcs, len(layouts), status)
+    funcs = plan.plan(btf, set(syms), walk)
+    return layouts + plan.layouts(funcs, len(layouts), status)
+
+
+def uffd_mask(flag_bits: dict[str, int]) -> int:
+    """The VM_UFFD_* bits among the VMA flag bits khmon learnt (0: none known)."""
+    return sum(m for name, m in flag_bits.items() if name.startswith("uffd"))
 
 
 def _now_wall() -> str:
@@ -76,7 +86,7 @@ class LiveCapture:
         btf = Btf.from_kernel()
         layouts = kernel_layouts(btf, cfg.ptwalk)
         self.owner = owner_offsets(btf)
-        self.vma_flags = funcprobes.vma_flag_bits(btf)
+        self.vma_flags = plan.vma_flag_bits(btf)
         if cfg.filter_tgid and not self.owner.usable:
             raise KhmonError("-p PID needs mm->owner to tell whose memory a scan is, and this "
                              "kernel's BTF has no mm_struct.owner (CONFIG_MEMCG off)",
@@ -86,14 +96,19 @@ class LiveCapture:
         # exceed khmon's counts, never fall short of them.
         self.start_counters: dict[str, int] = {}
         self.probes = LiveProbes(layouts, self.owner, cfg, with_kprobe_stub,
-                                 before_attach=self._read_start_counters)
+                                 before_attach=self._read_start_counters,
+                                 uffd_mask=uffd_mask(self.vma_flags))
         self.layouts = self.probes.layouts  # without function probes the kernel refused
+        self.decoder = Decoder(self.layouts)
         self.pages = _pagemap_source(self.layouts, btf)
+        self.watch = ProcessWatch()
+        self._settings: dict[str, str] = {}
 
     def _read_start_counters(self) -> None:
         self.start_counters = read_counters()
 
     def header(self) -> dict:
+        self._settings = read_settings()
         return {
             "kernel": {"release": platform.release(), "version": platform.version(),
                        "machine": platform.machine()},
@@ -112,22 +127,38 @@ class LiveCapture:
                                 "refused": self.probes.func_errors},
             "vma_flag_bits": self.vma_flags,
             # the scan_pmd field naming the page of each pagemap part, when there are any
-            "pagemap_ref": self.pages[1].ref_field if self.pages else None,
-            "settings": read_settings(),
+            "pagemap_ref": self.pages[1].sampler.ref_field if self.pages else None,
+            "settings": dict(self._settings),
             "counters": self.start_counters,
             "recorder_pid": os.getpid(),
         }
 
     def _stats(self) -> dict:
-        return {"mono_ns": _mono_ns(), "wall": _now_wall(), "probe": self.probes.counters(),
+        probe = {**self.probes.counters(), **self.probes.exact_counts()}
+        meta = {"mono_ns": _mono_ns(), "wall": _now_wall(), "probe": probe,
                 "counters": read_counters()}
+        settings = read_settings()
+        if settings != self._settings:
+            meta["settings"] = self._settings = settings
+        exited = self.watch.exited()
+        if exited:
+            meta["exited"] = exited
+        lost = self.probes.lost_pmds()
+        if lost:
+            meta["lost_pmds"] = lost
+        if self.pages is not None:
+            worker = self.pages[1]
+            meta["pagemap"] = {"dropped": worker.dropped, "failures": worker.failures,
+                               "unresolved": worker.sampler.unresolved, "error": worker.error}
+        return meta
 
-    def parts(self, header: dict, duration: float | None,
-              should_stop: Callable[[], bool] = lambda: False,
-              keep: bool = False) -> Iterator[Part]:
-        """Record batches and stats until `duration` seconds pass or should_stop() is true;
-        then detach, drain, and yield the end part. The header is the caller's (see header()).
-        With `keep`, the compiled programs stay loaded for another window (reopen())."""
+    def stream(self, header: dict, duration: float | None,
+               should_stop: Callable[[], bool] = lambda: False,
+               keep: bool = False) -> Iterator[tuple[Part, Batch | None]]:
+        """(part, its decoded batch or None) until `duration` seconds pass or should_stop()
+        is true; then detach, drain, and yield the end part. The header is the caller's
+        (see header()). With `keep`, the compiled programs stay loaded for another window
+        (reopen())."""
         start = header["start_mono_ns"]
         next_stats = time.monotonic() + STATS_INTERVAL_S
         if self.pages is not None:
@@ -136,33 +167,50 @@ class LiveCapture:
             while not should_stop():
                 if duration is not None and (_mono_ns() - start) / 1e9 >= duration:
                     break
-                for ev, data in self.probes.poll(POLL_MS):
-                    yield Part("R", event=ev, data=data)
-                    if self.pages is not None and ev == self.pages[0].index:
-                        yield from self._sample_pages(data)
+                yield from self._records(self.probes.poll(POLL_MS))
+                yield from self._pages()
                 if time.monotonic() >= next_stats:
                     next_stats += STATS_INTERVAL_S
                     self.probes.advance_epoch()
-                    yield Part("S", meta=self._stats())
-            for ev, data in self.probes.detach():
-                yield Part("R", event=ev, data=data)
-            yield Part("E", meta=self._stats())
+                    yield Part(STATS, meta=self._stats()), None
+            yield from self._records(self.probes.detach())
+            if self.pages is not None:
+                self.pages[1].finish()
+                yield from self._pages()
+            yield Part(END, meta=self._stats()), None
         finally:
             if keep:
                 self.probes.detach()
             else:
                 self.probes.close()
 
-    def _sample_pages(self, data: bytes) -> Iterator[Part]:
-        """Pagemap parts for the PMDs these scan records name, read right now."""
-        lay, sampler = self.pages
-        for rec in lay.struct.iter_unpack(data):
-            r = lay.record_type(*rec)
-            got = sampler.sample(r.mm, r.owner_tgid, getattr(r, sampler.ref_field))
-            if got is not None:
-                got["ts"] = r.ts
-                got["comm"] = r.owner_comm.rstrip(b"\0").decode(errors="replace")
-                yield Part("P", meta=got)
+    def parts(self, header: dict, duration: float | None,
+              should_stop: Callable[[], bool] = lambda: False, keep: bool = False
+              ) -> Iterator[Part]:
+        """stream() without the decoded batches."""
+        for part, _batch in self.stream(header, duration, should_stop, keep):
+            yield part
+
+    def _records(self, runs: list[tuple[int, bytes]]) -> Iterator[tuple[Part, Batch | None]]:
+        for ev, data in runs:
+            batch = self.decoder.batch(ev, data)
+            if batch is not None:
+                self.watch.observe(batch)
+                if self.pages is not None and ev == self.pages[0].index:
+                    self._request_pages(batch)
+            yield Part(RECORDS, event=ev, data=data), batch
+
+    def _request_pages(self, batch: Batch) -> None:
+        """Ask the pagemap worker for the PMDs these scan records name."""
+        worker = self.pages[1]
+        ref = worker.sampler.ref_field
+        for r in batch.rows:
+            worker.request(r.mm, r.owner_tgid, getattr(r, ref), r.ts, comm(r.owner_comm))
+
+    def _pages(self) -> Iterator[tuple[Part, None]]:
+        if self.pages is not None:
+            for meta in self.pages[1].results():
+                yield Part(PAGES, meta=meta), None
 
     def reopen(self) -> None:
         """Attach again after a kept window; counts start from zero."""
@@ -170,50 +218,16 @@ class LiveCapture:
         self.probes.attach()
 
 
-def capture(cfg: ProbeConfig, duration: float | None, out: Path | None,
-            should_stop: Callable[[], bool] = lambda: False,
-            on_stats: Callable[[dict, dict, int], None] | None = None,
-            reuse: LiveCapture | None = None,
-            ) -> tuple[Aggregator, list[str]]:
-    """Run a live capture into an Aggregator, and into a recording when `out` is given.
-
-    on_stats(header, stats, bytes_written) is called at every stats part (progress lines).
-    `reuse`: an already compiled LiveCapture (cfg is then ignored) that stays loaded after.
-    Returns the aggregator and the warnings (probes that could not attach).
-    """
-    if reuse is not None:
-        if reuse.probes.detached:
-            reuse.reopen()
-        cap = reuse
-    else:
-        cap = LiveCapture(cfg)
-    header = cap.header()
-    agg = Aggregator(header, cap.layouts)
-    writer = Writer(out, header) if out else None
-    warnings = [f"could not attach {k}: {v}" for k, v in cap.probes.attached.items() if v]
-    try:
-        for part in cap.parts(header, duration, should_stop, keep=reuse is not None):
-            agg.add(part)
-            if writer:
-                writer.add(part)
-            if on_stats and part.kind == "S":
-                on_stats(header, part.meta, writer.bytes_written if writer else 0)
-    finally:
-        if writer:
-            writer.close()
-    return agg, warnings
-
-
-def _pagemap_source(layouts: list[EventLayout], btf: Btf) -> tuple[EventLayout, PagemapSampler] | None:
+def _pagemap_source(layouts: list[EventLayout], btf: Btf) -> tuple[EventLayout, PagemapWorker] | None:
     """Without function probes, PMDs are known only by the page mm_khugepaged_scan_pmd names:
     its pfn (classic tracepoint) or its struct folio/page pointer (raw tracepoint). With
     them, the function probes' own sources apply (kernel, ptwalk)."""
     by_name = {x.name: x for x in layouts}
     lay = by_name.get(SCAN_PMD)
-    if lay is None or funcprobes.PMD_SCAN in by_name or funcprobes.COLLAPSE in by_name:
+    if lay is None or plan.PMD_SCAN in by_name or plan.COLLAPSE in by_name:
         return None
     page = lay.page_field
     if page is None:
         return None
-    return lay, PagemapSampler(page.name, "pointer" if is_page_pointer(page) else "pfn",
-                               btf.struct_size("page"))
+    return lay, PagemapWorker(PagemapSampler(page.name, "pointer" if is_page_pointer(page)
+                                             else "pfn", btf.struct_size("page")))

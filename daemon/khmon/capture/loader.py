@@ -1,40 +1,33 @@
 """The probe loader: the only module that imports bcc.
 
 It compiles the generated C (bpfgen), attaches one program per khugepaged tracepoint, and
-hands everything else raw bytes: ring-buffer records, with the kernel's dedup records
-resolved into counted ones (khmon.dedup), and the in-kernel counters. An attach failure is
-data: `attached` records, per event, None or the error.
+hands everything else over as plain data for khmon.capture.ringbuf to make into the stream:
+ring-buffer records, the dedup slots, the in-kernel counters and the exact-count maps. An
+attach failure is data: `attached` records, per event, None or the error.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
-import hashlib
 import os
-import re
-import struct
 import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from pathlib import Path
+from typing import Any
 
 from ..errors import KhmonError
-from ..kernel.sysfs import KHUGEPAGED
 from ..kernel.tracefs import SYSTEM
-from ..stream.layout import EVENT_INDEX_OFFSET, EventLayout
+from ..stream.layout import EventLayout
 from .bpfgen import OwnerOffsets, ProbeConfig, generate
-from .ringbuf import Resolver
+from .fentry import fentry_refusal, refusals, trampoline_would_block
+from .ringbuf import Resolver, exact_rows, group_runs, slot_repeats
 
 # Kernel headers of another version than the running one warn in ways that do not matter:
 # khmon takes nothing from them but bcc's helper definitions and struct pt_regs.
 CFLAGS = ["-Wno-macro-redefined", "-Wno-ignored-attributes", "-Wno-duplicate-decl-specifier"]
 POLL_BATCH = 16384  # records taken per poll at most
-# struct khmon_slot (bpf/khmon.bpf.c): the payload's hash, then epoch | excluded | count.
-_EXCLUDED = 1 << 32
-_COUNT_MASK = (1 << 32) - 1
 
 
 def nr_cpu_ids() -> int:
@@ -59,10 +52,10 @@ class LiveProbes:
 
     def __init__(self, layouts: list[EventLayout], owner: OwnerOffsets, cfg: ProbeConfig,
                  with_kprobe_stub: bool = False,
-                 before_attach: Callable[[], None] = lambda: None) -> None:
+                 before_attach: Callable[[], None] = lambda: None, uffd_mask: int = 0) -> None:
         """Compile, load and attach. before_attach() runs between compiling (half a minute
         or more in a TCG guest) and attaching: where the caller reads the kernel's counters,
-        so their window is khmon's."""
+        so their window is khmon's. `uffd_mask`: VM_UFFD_* bits, for the exact counts."""
         if os.geteuid() != 0:
             raise KhmonError("live capture needs root (BPF and tracefs)", "run with sudo")
         # doctor's kprobe trial rides along in the same program: compiling takes ~30 s in a
@@ -77,8 +70,8 @@ class LiveProbes:
         self.func_mode: str | None = None
         for mode in (("kfunc", "kprobe", None) if has_funcs else (None,)):
             self.source = generate(layouts, owner, cfg, nr_cpu_ids=self.nr_cpu_ids,
-                                   func_mode=mode) + stub
-            refused = _refusals.get(self.source) if mode == "kfunc" else None
+                                   func_mode=mode, uffd_mask=uffd_mask) + stub
+            refused = refusals.get(self.source) if mode == "kfunc" else None
             if mode == "kfunc" and refused is None:
                 refused = _kfunc_obstacle(layouts)
             if refused is not None:  # this very program was refused since boot: skip a compile
@@ -93,7 +86,7 @@ class LiveProbes:
                                      "setup") from e
                 self.func_errors[mode] = _err_text(e)
                 if mode == "kfunc":  # an fentry refusal is the kernel's, not a fluke
-                    _refusals.put(self.source, self.func_errors[mode])
+                    refusals.put(self.source, self.func_errors[mode])
                 continue
             self.func_mode = mode
             break
@@ -110,6 +103,7 @@ class LiveProbes:
         self._epoch = 0
         self._left_in_slots: dict[str, int] = defaultdict(int)  # per hot event, cumulative
         self._base: dict[str, dict[str, int]] = {}
+        self._lost_at: dict[tuple[int, int], int] = {}  # last values read from lost_at
         self.attached: dict[str, str | None] = {}
         before_attach()
         self.attach()
@@ -130,6 +124,9 @@ class LiveProbes:
         # are empty here (new, or emptied by detach()).
         self.advance_epoch()
         self._base = self._raw_counters()
+        for table in (b"exact", b"lost_at"):  # these count from zero in each window
+            self.bpf[table].clear()
+        self._lost_at.clear()
         self.attached = {}
         for lay in self.layouts:
             try:
@@ -206,23 +203,8 @@ class LiveProbes:
         return self._take()
 
     def _take(self) -> list[tuple[int, bytes]]:
-        """The pending records as runs of one event each, in arrival order. Consecutive
-        records of an event are joined (decoded in one pass), but never reordered across
-        events: a thread's collapse, scan and isolate records must reach the correlator in
-        the order the thread made them (grouping a whole poll by event once closed a
-        collapse pass before its scan record could give it its bitmap)."""
         pending, self._pending = self._pending, []
-        runs: list[tuple[int, list[bytes]]] = []
-        for raw in pending:
-            rec = self.resolver.resolve(raw)
-            if rec is None:
-                continue
-            ev = int.from_bytes(rec[EVENT_INDEX_OFFSET:EVENT_INDEX_OFFSET + 2], "little")
-            if runs and runs[-1][0] == ev:
-                runs[-1][1].append(rec)
-            else:
-                runs.append((ev, [rec]))
-        return [(ev, b"".join(recs)) for ev, recs in runs]
+        return group_runs(pending, self.resolver)
 
     def advance_epoch(self) -> None:
         """Make the next repeat of every deduplicated payload report the repeats counted
@@ -234,35 +216,45 @@ class LiveProbes:
         """After detaching: the repeats still counted in the dedup slots, as counted records,
         and the slots emptied (their installs forgotten) for a later window."""
         now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-        out: dict[int, list[bytes]] = defaultdict(list)
+        out: dict[int, bytes] = {}
         for lay in self.layouts:
             if not lay.hot or self.attached.get(lay.name, "absent") is not None:
                 continue
             table = self.bpf[f"dsets_{lay.name}".encode()]
-            try:
-                items = table.items_lookup_batch()
-            except Exception:  # no batch ops on this kernel: one lookup per slot
-                items = table.items()
-            used = set()
             sets_per_cpu = len(table) // self.nr_cpu_ids  # CPU after CPU (bpfgen)
-            for k, ways in items:
-                at = int(getattr(k, "value", k))  # batch lookups yield ints
-                cpu, set_index = divmod(at, sets_per_cpu)
-                for way, v in enumerate(ways.w):
-                    if not v.fp:
-                        continue
-                    used.add(at)
-                    n = v.ec & _COUNT_MASK
-                    if n and not v.ec & _EXCLUDED:
-                        slot = set_index * len(ways.w) + way
-                        rec = self.resolver.repeats((lay.index, cpu, slot), now, n)
-                        if rec is not None:
-                            out[lay.index].append(rec)
-                            self._left_in_slots[lay.name] += n
-            for at in sorted(used):
+            slots = ((int(getattr(k, "value", k)),  # batch lookups yield ints
+                      [(v.fp, v.ec) for v in ways.w]) for k, ways in _items(table))
+            recs, left, used = slot_repeats(lay.index, slots, sets_per_cpu, self.resolver, now)
+            self._left_in_slots[lay.name] += left
+            if recs:
+                out[lay.index] = b"".join(recs)
+            for at in used:
                 table.clearitem(ctypes.c_int(at))
         self.resolver.forget()
-        return {ev: b"".join(recs) for ev, recs in out.items()}
+        return out
+
+    def exact_counts(self) -> dict[str, Any]:
+        """The exact-count maps since attach(): {"exact": {event: rows}, "hist": {event:
+        rows}, "exact_full": n} (khmon.capture.ringbuf.exact_rows)."""
+        per_cpu = ((int(getattr(k, "value", k)), sum(v.n for v in vals), sum(v.ns for v in vals),
+                    max((v.max for v in vals), default=0))
+                   for k, vals in _items(self.bpf[b"exact"]))
+        exact, hist = exact_rows(per_cpu, {lay.index: lay.name for lay in self.layouts})
+        full = int(self.bpf[b"exact_full"].sum(ctypes.c_int(0)).value)
+        return {"exact": exact, "hist": hist, "exact_full": full}
+
+    def lost_pmds(self) -> list[list[int]]:
+        """[mm, PMD address (0: none named), records lost in all] for the keys of `lost_at`
+        that changed since the last call."""
+        out = []
+        for k, v in _items(self.bpf[b"lost_at"]):
+            key, n = (int(k.mm), int(k.addr)), int(getattr(v, "value", v))
+            if self._lost_at.get(key) != n:
+                self._lost_at[key] = n
+                out.append([*key, n])
+        if len(self._lost_at) > 4 * 4096:  # the map is an LRU of 4096: forget what it dropped
+            self._lost_at.clear()
+        return out
 
     def _raw_counters(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
@@ -326,6 +318,10 @@ class LiveProbes:
         self.bpf.ring_buffer_consume()
         return self._take() + list(self._empty_slots().items())
 
+    def polled_records(self) -> int:
+        """Records waiting in user space (taken from the ring buffer, not yet handed on)."""
+        return len(self._pending)
+
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.bpf.cleanup()
@@ -342,6 +338,15 @@ class LiveProbes:
                 return _err_text(e)
 
 
+def _items(table: Any) -> Any:
+    """A map's (key, value) pairs: one batch syscall where the kernel has batch ops (5.6+),
+    else one lookup per key."""
+    try:
+        return table.items_lookup_batch()
+    except Exception:  # no batch ops on this kernel (bcc raises bare Exception)
+        return table.items()
+
+
 def _kfunc_obstacle(layouts: list[EventLayout]) -> str | None:
     """Why the fentry/fexit variant cannot work here, found without compiling it: a function
     the kernel refuses fentry on fails the whole object, so the kernel is asked first."""
@@ -350,116 +355,6 @@ def _kfunc_obstacle(layouts: list[EventLayout]) -> str | None:
                  if (err := fentry_refusal(f.func, f.btf_id, f.exit)) is not None), None)
 
 
-# The bpf(2) ABI (include/uapi/linux/bpf.h; stable, so these are not the running kernel's to
-# tell): the x86-64 syscall number, commands, the program and attach types of an fentry
-# program, and where union bpf_attr's BPF_PROG_LOAD members sit.
-_SYS_BPF = 321
-_BPF_PROG_LOAD, _BPF_RAW_TRACEPOINT_OPEN = 5, 17
-_BPF_PROG_TYPE_TRACING = 26
-_BPF_TRACE_FENTRY, _BPF_TRACE_FEXIT = 24, 25
-_ATTR_SIZE = 128
-_EXPECTED_ATTACH_TYPE_AT, _ATTACH_BTF_ID_AT = 68, 108
-_RETURN_0 = bytes.fromhex("b700000000000000" "9500000000000000")  # r0 = 0; exit
-
-
-def trampoline_would_block(khugepaged: Path = KHUGEPAGED) -> str | None:
-    """Why attaching or detaching an fentry/fexit program now could hang khmon, or None.
-    The BPF trampoline is patched only after an RCU-tasks grace period, which ends when
-    every task has slept once (a voluntary switch; a preemption does not count). With
-    scan_sleep_millisecs 0, khugepaged never sleeps while it has mm's to scan (it only
-    calls cond_resched()), so the attach waits, unkillable, for as long as that lasts: seen
-    for over 15 minutes in the 6.1 guest. Kprobes do not wait for it."""
-    try:
-        sleep_ms = (khugepaged / "scan_sleep_millisecs").read_text().strip()
-    except OSError:
-        return None
-    if sleep_ms != "0":
-        return None
-    return ("khugepaged/scan_sleep_millisecs is 0: khugepaged never sleeps while it has work, "
-            "and attaching fentry waits until every task has slept once (an RCU-tasks grace "
-            "period), so it would block until khugepaged sleeps (kprobes do not wait for it)")
-
-
-def fentry_refusal(func: str, btf_id: int | None, fexit: bool = False) -> str | None:
-    """Load and attach a two-instruction fentry program on `func` (its BTF type id), and with
-    `fexit` an fexit one, through the bpf syscall: None if the kernel allowed them, else the
-    kernel's reason. Tried, not guessed (a function can be in BTF and kallsyms and still be
-    refused, EPERM under lockdown as on the CI host), and in milliseconds, where a bcc compile
-    costs a second here and half a minute in a TCG guest. It answers for the kernel only; a
-    compile the kernel then refuses anyway is remembered by _Refusals."""
-    if btf_id is None:
-        return f"{func} is not in the kernel's BTF"
-    if (why := trampoline_would_block()) is not None:
-        return why
-    kinds = [("fentry", _BPF_TRACE_FENTRY)] + ([("fexit", _BPF_TRACE_FEXIT)] if fexit else [])
-    return next((err for kind, attach_type in kinds
-                 if (err := _trace_trial(func, btf_id, kind, attach_type)) is not None), None)
-
-
-def _trace_trial(func: str, btf_id: int, kind: str, attach_type: int) -> str | None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    insns = ctypes.create_string_buffer(_RETURN_0, len(_RETURN_0))
-    license_ = ctypes.create_string_buffer(b"GPL")
-    log = ctypes.create_string_buffer(4096)
-    attr = (ctypes.c_char * _ATTR_SIZE)()
-    struct.pack_into("<IIQQIIQ", attr, 0, _BPF_PROG_TYPE_TRACING, len(_RETURN_0) // 8,
-                     ctypes.addressof(insns), ctypes.addressof(license_), 1, len(log),
-                     ctypes.addressof(log))
-    struct.pack_into("<I", attr, _EXPECTED_ATTACH_TYPE_AT, attach_type)
-    struct.pack_into("<I", attr, _ATTACH_BTF_ID_AT, btf_id)
-    prog = libc.syscall(_SYS_BPF, _BPF_PROG_LOAD, attr, _ATTR_SIZE)
-    if prog < 0:
-        why = log.value.decode(errors="replace").strip().splitlines()
-        return _errno_text(ctypes.get_errno(), f"loading {kind} on {func}") + (
-            f": {why[-1]}" if why else "")
-    try:
-        link_attr = (ctypes.c_char * 16)()
-        struct.pack_into("<QI", link_attr, 0, 0, prog)  # name NULL: attach at the BTF target
-        link = libc.syscall(_SYS_BPF, _BPF_RAW_TRACEPOINT_OPEN, link_attr, 16)
-        if link < 0:
-            return _errno_text(ctypes.get_errno(), f"attaching {kind} to {func}")
-        os.close(link)
-        return None
-    finally:
-        os.close(prog)
-
-
-def _errno_text(err: int, doing: str) -> str:
-    return f"{errno.errorcode.get(err, str(err))} ({os.strerror(err)}) {doing}"
-
-
-class _Refusals:
-    """fentry/fexit programs the kernel refused since boot, in /run (a tmpfs): fentry_refusal()
-    asks the kernel about the targets before compiling, but the compiled programs can still be
-    refused (the verifier, an fexit limit), and that is the kernel's answer until it reboots,
-    so khmon skips the compile (half a minute in a TCG guest) and reports the recorded error.
-    Keyed by the boot and the text of the fentry/fexit programs, which does not change with
-    options (-p, ring buffer size are #defines) or doctor's stub."""
-
-    DIR = Path("/run/khmon")
-
-    def _path(self, source: str) -> Path:
-        try:
-            boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        except OSError:
-            boot = "unknown"
-        progs = re.findall(r"^K(?:RET)?FUNC_PROBE\(.*?^}$", source, re.M | re.S)
-        digest = hashlib.sha256("\n".join([boot, *progs]).encode()).hexdigest()[:24]
-        return self.DIR / f"refused-{digest}"
-
-    def get(self, source: str) -> str | None:
-        try:
-            return self._path(source).read_text()
-        except OSError:
-            return None
-
-    def put(self, source: str, error: str) -> None:
-        with contextlib.suppress(OSError):
-            self.DIR.mkdir(mode=0o700, exist_ok=True)
-            self._path(source).write_text(error)
-
-
-_refusals = _Refusals()
 
 
 def _err_text(e: Exception) -> str:

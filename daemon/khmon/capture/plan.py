@@ -26,11 +26,12 @@ from pathlib import Path
 from ..geometry import BITMAP_BYTES
 from ..kernel.btf import Btf
 from ..kernel.tpformat import EventFormat
+from ..stream.events import FN_COLLAPSE, FN_PMD_SCAN, FUNC_SYSTEM
 from ..stream.layout import EventLayout, fields_at
-from .ptwalk import PTBITS, PtWalkPlan, kallsyms_addresses
+from .ptwalk import PTBITS, PtWalkPlan
 
-SYSTEM = "khmon"
-PMD_SCAN, COLLAPSE = "fn_pmd_scan", "fn_collapse"
+SYSTEM = FUNC_SYSTEM
+PMD_SCAN, COLLAPSE = FN_PMD_SCAN, FN_COLLAPSE
 # Per-PMD entry candidates, newest first (the mTHP series renamed and then split the scan).
 PMD_ENTRY_FUNCS = ("collapse_single_pmd", "collapse_scan_pmd", "hpage_collapse_scan_pmd")
 COLLAPSE_FUNC = "collapse_huge_page"
@@ -76,12 +77,8 @@ PTWALK_FIELDS = (("present", "u8[64]", 64, False), ("swap", "u8[64]", 64, False)
                  ("pad1", "u16", 2, False), ("pmd_entry", "u64", 8, False),
                  ("walk", "int", 4, True))
 assert sum(size for _, _, size, _ in PTWALK_FIELDS[:-1]) == PTBITS.size
-
-
-def kallsyms_text(names: tuple[str, ...]) -> set[str]:
-    """Which of these names /proc/kallsyms lists (an inlined function is in BTF only if
-    some copy survived, and attaching needs the symbol)."""
-    return set(kallsyms_addresses(names))
+# A collapse attempt's VMA: the flags of the per-PMD call it ran in, and whether it ran in one.
+ENCLOSING_VMA_FIELDS = (("vm_flags", "u64", 8, False), ("in_pmd_scan", "u32", 4, False))
 
 
 def _find(btf: Btf, kallsyms: set[str], names: tuple[str, ...]) -> tuple[str, list] | None:
@@ -137,9 +134,13 @@ def layouts(probes: list[FuncProbe], first_index: int, result_names: dict[int, s
     """Record layouts of the function events, numbered after the tracepoint events.
     collapse results are enum scan_result, named by the tracepoints' status table."""
     out = []
+    in_scan = any(p.event == PMD_SCAN for p in probes)
     for i, p in enumerate(probes):
         specs = [(c.field, _ctype(c), c.size, c.signed) for c in p.captures]
         specs += list(PTWALK_FIELDS) if p.ptwalk else []
+        if p.event == COLLAPSE and in_scan:
+            # filled at exit from the per-PMD call's stash (bpfgen._enclosing_vma)
+            specs += list(ENCLOSING_VMA_FIELDS)
         symbols = {}
         if p.exit:
             specs += [] if p.hot else [("duration_ns", "u64", 8, False)]

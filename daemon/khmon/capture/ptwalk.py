@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import platform
 import struct
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from ..geometry import PTES
 from ..kernel.btf import Btf
 
-KALLSYMS = "/proc/kallsyms"
 SYMBOLS = ("page_offset_base", "__pgtable_l5_enabled", "physical_mask", "zero_pfn",
            "empty_zero_page", "phys_base")
 
@@ -140,23 +139,6 @@ def decode(data: bytes, offset: int = 0) -> PtBits:
 
 def describe(rc: int) -> str:
     return RESULTS.get(rc, f"unknown result {rc}")
-
-
-def kallsyms_addresses(names: Iterable[str], path: str = KALLSYMS) -> dict[str, int]:
-    """Addresses of these vmlinux symbols (text or data) in /proc/kallsyms; a name missing
-    from the result is not listed. Addresses are 0 for non-root readers (kptr_restrict),
-    which plan() reports as such."""
-    wanted, found = set(names), {}
-    try:
-        with open(path) as f:
-            for line in f:
-                parts = line.split()
-                # Module symbols have a fourth column, [module]; khmon wants vmlinux's.
-                if len(parts) == 3 and parts[2] in wanted and parts[2] not in found:
-                    found[parts[2]] = int(parts[0], 16)
-    except OSError:
-        pass
-    return found
 
 
 Lookup = Mapping[str, int] | Callable[[str], int | None]

@@ -34,7 +34,6 @@ from pathlib import Path
 
 from ..errors import KhmonError
 from ..geometry import BITMAP_BYTES, PAGE, PMD_MASK, PMD_SIZE, PTES
-from ..model.correlate import bitmap_count
 
 ENTRY = 8  # bytes per pagemap / kpageflags entry
 
@@ -98,15 +97,15 @@ class PmdPages:
 
     @property
     def n_present(self) -> int:
-        return bitmap_count(self.present)
+        return int.from_bytes(self.present, "little").bit_count()
 
     @property
     def n_swap(self) -> int:
-        return bitmap_count(self.swap)
+        return int.from_bytes(self.swap, "little").bit_count()
 
     @property
     def n_zero(self) -> int:
-        return bitmap_count(self.zero)
+        return int.from_bytes(self.zero, "little").bit_count()
 
     def present_hex(self) -> str:
         """The present bitmap as 128 hex digits, byte 0 (PTEs 0-7) first, as khmon prints it."""
@@ -392,77 +391,3 @@ class PfnIndex:
         finally:
             os.close(fd)
         return _Runs(pfns, addrs, lens, built)
-
-
-# x86-64 places vmemmap (the struct page array) at a PUD-aligned (1 GiB) base, with or without
-# KASLR (arch/x86/mm/kaslr.c rounds every randomised region to PUD_SIZE). A struct page
-# pointer's offset within its GiB is therefore (pfn * sizeof(struct page)) mod 1 GiB, which
-# names the pfn up to multiples of 1 GiB / sizeof(struct page).
-VMEMMAP_ALIGN = 1 << 30
-MAX_VMEMMAP_WRAPS = 64  # pfn candidates tried per pointer: machines up to 64 x 64 GiB
-
-
-class PagemapSampler:
-    """The `pagemap` bitmap source: for each PMD a scan event names, read its PTEs from user
-    space right after the event.
-
-    A tracepoint-only kernel names the PMD only by a page in it (`kind`): its pfn (the
-    classic mm_khugepaged_scan_pmd) or its struct folio pointer (the raw tracepoint). A
-    pointer becomes pfn candidates (VMEMMAP_ALIGN, `page_struct` bytes per struct page from
-    BTF); the owning process's PfnIndex says which candidate it maps and where. Each
-    (process, mm, page) is sampled once per capture window (a rescan of an unchanged PMD
-    names the same page); a page the process no longer maps yields nothing, counted in
-    `unresolved`: a best effort, named as such by the record's bitmap_source.
-    """
-
-    MAX_SEEN = 1 << 16  # (process, mm, page) remembered before starting over
-
-    KINDS = ("pfn", "pointer")
-
-    def __init__(self, ref_field: str, kind: str, page_struct: int | None = None,
-                 root: Path = PROC) -> None:
-        if kind not in self.KINDS:
-            raise ValueError(f"unknown page reference kind {kind!r}")
-        self.ref_field = ref_field
-        self.kind = kind
-        self.page_struct = page_struct
-        self.root = root
-        self.index = PfnIndex(root)
-        self._seen: set[tuple[int, int, int]] = set()
-        self.unresolved = 0
-
-    def new_window(self) -> None:
-        """Forget what was sampled: a new capture window samples every PMD again (processes
-        come and go, and a new one can have an old one's mm address and layout)."""
-        self._seen.clear()
-        self.index = PfnIndex(self.root)
-        self.unresolved = 0
-
-    def _pfns(self, ref: int) -> Iterable[int]:
-        if self.kind == "pfn":
-            return (ref,)
-        if not self.page_struct or VMEMMAP_ALIGN % self.page_struct:
-            return ()
-        step = VMEMMAP_ALIGN // self.page_struct
-        low = ref % VMEMMAP_ALIGN // self.page_struct
-        return (low + k * step for k in range(MAX_VMEMMAP_WRAPS))
-
-    def sample(self, mm: int, pid: int, ref: int) -> dict | None:
-        """The PMD around page `ref` of process `pid`, once per window; None otherwise."""
-        if not pid or not ref or (pid, mm, ref) in self._seen:
-            return None
-        if len(self._seen) >= self.MAX_SEEN:
-            self._seen.clear()
-        self._seen.add((pid, mm, ref))
-        for pfn in self._pfns(ref):
-            addr = self.index.pmd_of(pid, pfn)
-            if addr is None:
-                continue
-            pages = read_pmd(pid, addr, self.root)
-            if pages is None:
-                break
-            return {"mm": mm, "pid": pid, "ref": ref, "pfn": pfn, "address": addr,
-                    "present": pages.present.hex(), "swap": pages.swap.hex(),
-                    "zero": pages.zero.hex(), "none": pages.none, "shared": pages.shared}
-        self.unresolved += 1
-        return None

@@ -1,341 +1,369 @@
-"""One record per PMD: what khugepaged saw there and what it tried.
+"""One record per PMD: what khugepaged saw there and what it tried, kept bounded.
 
-The correlator turns the function-probe events of a stream into PMD records:
+The correlator turns the function-probe events of a stream into PMD records
+(khmon.model.records):
   fn_pmd_scan  (per-PMD function, exit)  mm, PMD address, VMA flags, verdict and, before the
                mTHP series, the bitmap of a BPF walk of the PTE table at entry (source
                `ptwalk`); counted, since the kernel deduplicates rescans that find the same
-               PMD in the same state;
+               PMD in the same state. Its arrival also ends the thread's pass on that PMD:
+               the per-PMD function has returned, so that visit made all its attempts;
   fn_collapse  (collapse_huge_page exit) one attempt: start address, order, result, duration,
-               and on the mTHP series the scan's bitmap of present PTEs (source `kernel`);
+               the VMA flags of the per-PMD call it ran in, and on the mTHP series the scan's
+               bitmap of present PTEs (source `kernel`);
   mm_collapse_huge_page_isolate          the isolate verdict of the attempt that encloses it
                on the same thread (this tracepoint carries no mm and no address);
   mm_collapse_huge_page_swapin           fired inside an attempt that swapped pages in (the
                PTEs it made present were not present when the scan ran).
 Without function probes (a tracepoint-only kernel) the capture reads each scanned PMD's PTEs
-from pagemap (khmon.pagemap.PagemapSampler, source `pagemap`): its pages parts name the PMD
-around the page a mm_khugepaged_scan_pmd event reported, and that event's scans and verdicts
-are counted for the PMD.
-Attempts are keyed by (mm, PMD) rather than by position in the stream: a rescan whose picture
-is unchanged sends no record, but each of its attempts does. Plain Python over decoded
-records, so it runs the same on live events, recordings and tests.
+from pagemap (source `pagemap`): its pages parts name the PMD around the page a
+mm_khugepaged_scan_pmd event reported, and that event's scans and verdicts go to the PMD
+(those that arrive before the pages part wait for it, bounded).
 
-Attempts are also grouped into passes: one khugepaged visit to a PMD and the collapse_huge_page
-calls it made, in order. collapse_huge_page records are never deduplicated, so a thread's
-attempts arrive in call order, and within one pass both versions of the mTHP walk move
-forward: a later attempt starts at a higher offset, or at the same offset one order lower.
-An attempt on another PMD, or one that does not move forward, starts a new pass. A pass is
-kept with the bitmap it was made on (the scan's, at the first attempt), so the simulator and
-the waste detectors can replay it exactly; identical passes are counted, not repeated.
+Attempts are grouped into passes (khmon.model.records): a thread's attempts arrive in call
+order (collapse records are never deduplicated), and within one pass the walk only moves
+forward, so an attempt on another PMD, or one that does not move forward, starts a new pass.
 
-Bitmaps are 64 bytes, bit k of byte j is PTE 8j+k (the kernel's unsigned long[8] on x86-64,
-dumped as bytes). In collapse_control.mthp_present_ptes a bit is set for a PTE that maps a
-page: none, zero-page and swap PTEs leave it clear. A PMD no source could read gets the
-`inferred` bitmap, what its passes' attempts pin (khmon.infer): `bitmap` holds the bits known
-set and `bitmap_known` the mask of bits known at all; the rest are unknown.
+Memory is bounded: at most `cap` PMD records (least recently active evicted first, their
+open passes closed), the process table's cap (khmon.model.processes), isolate and swap-in
+events queued only where attempts can claim them and at most QUEUE per thread, threads
+followed at most MAX_THREADS. Everything dropped is counted. Plain Python over decoded
+records: it runs the same on live events, recordings and tests.
 """
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict, deque
-from dataclasses import dataclass, field
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
 from typing import Any
 
-from ..capture import plan as funcprobes
-from ..geometry import BITMAP_BYTES, PAGE_SHIFT, PMD_MASK, PMD_ORDER
+from ..geometry import PAGE_SHIFT, PMD_MASK, PMD_ORDER
+from ..stream import bitmap
+from ..stream.decode import Batch
+from ..stream.events import FN_COLLAPSE, FN_PMD_SCAN, ISOLATE, SCAN_PMD, SWAPIN
 from ..stream.layout import EventLayout
 from . import infer
 from .khugepaged import settings_from_sysfs
+from .processes import ProcessTable
+from .records import (
+    MAX_ATTEMPT_ROWS,
+    MAX_PASSES,
+    AttemptStats,
+    OpenPass,
+    PassStats,
+    PmdRecord,
+    ProcessRecord,
+)
+from .waste import Waste
 
-ISOLATE = "mm_collapse_huge_page_isolate"
-SWAPIN = "mm_collapse_huge_page_swapin"
-SCAN_PMD = "mm_khugepaged_scan_pmd"
-# Bitmap sources, best first: a better one is never replaced by a worse one.
-SOURCES = ("kernel", "ptwalk", "pagemap", "inferred")
-
-
-@dataclass
-class _Attempt:
-    count: int = 0
-    latency_sum: int = 0
-    latency_max: int = 0
-
-
-@dataclass
-class _Pass:
-    count: int = 0
-    latency_sums: list[int] = field(default_factory=list)  # per attempt of the pass
-
-
-@dataclass
-class _Pmd:
-    mm: int
-    address: int
-    pid: int = 0
-    comm: str = ""
-    vm_flags: int | None = None
-    verdicts: Counter[str] = field(default_factory=Counter)
-    bitmap: bytes | None = None
-    bitmap_source: str | None = None
-    bitmaps_seen: set[bytes] = field(default_factory=set)
-    # none, swap and zero-page PTEs where the source tells them apart (ptwalk)
-    ptes: dict[str, int] | None = None
-    # (offset, order, isolate status, result) -> counts and latency, in first-seen order
-    attempts: dict[tuple[int, int, str | None, str], _Attempt] = field(default_factory=dict)
-    # (bitmap, ((offset, order, result, swapped in), ...)) -> that pass's count and
-    # latencies, in first-seen order
-    passes: dict[tuple[bytes | None, tuple[infer.Step, ...]], _Pass] = field(
-        default_factory=dict)
-    passes_dropped: int = 0
+# A pass with no attempt for this long (stream time) is over: checked at each stats part.
+PASS_GAP_NS = 2_000_000_000
+# Default cap on PMD records: about 100 MB of them (docs/benchmarks.md has the measurement).
+DEFAULT_PMD_CAP = 100_000
+MAX_THREADS = 4096
+QUEUE = 64  # isolate / swap-in events queued per thread
+MAX_PENDING = 65536  # tracepoint scans waiting for their pagemap sample, by (mm, page)
 
 
-# Distinct passes kept per PMD; later ones are counted in passes_dropped. A PMD rescanned in the
-# same state repeats one pass (same bitmap, same attempts), so this bounds only changing PMDs.
-MAX_PASSES = 16
+class Correlator:
+    """Feed it decoded batches, pages parts and ticks; records() gives the PMD records."""
 
-
-@dataclass
-class _OpenPass:
-    """The pass a thread is making: its PMD, bitmap, and attempts so far."""
-
-    pmd: _Pmd
-    bitmap: bytes | None
-    attempts: list[infer.Step]
-    latencies: list[int]
-    walked: bool = False  # bitmap taken from the scan that made this pass (ptwalk)
-
-    def follows(self, pmd: _Pmd, offset: int, order: int) -> bool:
-        """Is an attempt at (offset, order) on `pmd` the next step of this pass?"""
-        last_offset, last_order = self.attempts[-1][:2]
-        return pmd is self.pmd and (offset > last_offset
-                                    or (offset == last_offset and order < last_order))
-
-    def close(self) -> None:
-        key = (self.bitmap, tuple(self.attempts))
-        passes = self.pmd.passes
-        if key not in passes and len(passes) >= MAX_PASSES:
-            self.pmd.passes_dropped += 1
-            return
-        kept = passes.setdefault(key, _Pass(latency_sums=[0] * len(self.attempts)))
-        kept.count += 1
-        kept.latency_sums = [a + b for a, b in zip(kept.latency_sums, self.latencies, strict=True)]
-
-
-class PmdCorrelator:
-    """Feed it record batches (event index, bytes); records() gives the PMD records."""
-
-    def __init__(self, layouts: list[EventLayout], vma_flag_bits: dict[str, int],
-                 pagemap_ref: str | None = None,
-                 settings: dict[str, str] | None = None) -> None:
-        """`pagemap_ref`: the mm_khugepaged_scan_pmd field that names the scanned page, when
-        the capture sampled pagemap (the recording's header says which). `settings`: the
-        THP and khugepaged knobs at the start (khmon.sysfs.read_settings), which the
-        `inferred` bitmaps are worked out under."""
+    def __init__(self, layouts: list[EventLayout], flag_bits: dict[str, int],
+                 processes: ProcessTable, waste: Waste, settings: Callable[[int], dict | None],
+                 epoch: Callable[[], int], pagemap_ref: str | None = None,
+                 cap: int = DEFAULT_PMD_CAP) -> None:
+        """`settings(epoch)`: the THP and khugepaged knobs in force in a settings epoch
+        (None if forgotten), under which `inferred` bitmaps are worked out; `epoch()` the
+        current one. `pagemap_ref`: the mm_khugepaged_scan_pmd field that names the scanned
+        page, when the capture sampled pagemap."""
         by_name = {lay.name: lay for lay in layouts}
-        self.scan = by_name.get(funcprobes.PMD_SCAN)
-        self.collapse = by_name.get(funcprobes.COLLAPSE)
-        self.isolate = by_name.get(ISOLATE)
-        self.swapin = by_name.get(SWAPIN)
-        self.settings = settings or {}
+        self.scan = by_name.get(FN_PMD_SCAN)
+        self.collapse = by_name.get(FN_COLLAPSE)
+        # Isolate and swap-in events are only claimed by attempts: without the collapse
+        # probe nothing would ever take them off their queues.
+        self.isolate = by_name.get(ISOLATE) if self.collapse else None
+        self.swapin = by_name.get(SWAPIN) if self.collapse else None
         self.tp_scan = by_name.get(SCAN_PMD) if pagemap_ref and self.scan is None else None
         self.pagemap_ref = pagemap_ref
-        # tracepoint scans by (mm, page, verdict), and which PMD a (mm, page) is in
-        self._tp_scans: Counter[tuple[int, int, str]] = Counter()
-        self._page_pmd: dict[tuple[int, int], tuple[int, int]] = {}
-        self.vma_flag_bits = vma_flag_bits
-        self.pmds: dict[tuple[int, int], _Pmd] = {}
-        # per thread, in time order: (ts, isolate status) not yet claimed by an attempt
-        self._isolates: dict[int, deque[tuple[int, str]]] = defaultdict(deque)
-        # per thread, in time order: swap-in events not yet claimed by an attempt
-        self._swapins: dict[int, deque[int]] = defaultdict(deque)
-        # per thread: the pass it is making
-        self._open: dict[int, _OpenPass] = {}
+        self.flag_bits = flag_bits
+        self._uffd_mask = sum(m for name, m in flag_bits.items() if name.startswith("uffd"))
+        self.processes = processes
+        self.waste = waste
+        self.settings = settings
+        self.epoch = epoch
+        self.cap = cap
+        self.pmds: OrderedDict[tuple[int, int, int], PmdRecord] = OrderedDict()
+        self.open: OrderedDict[int, OpenPass] = OrderedDict()  # by thread
+        # per thread, in time order: (ts, isolate status) and (ts, None) of swap-ins not yet
+        # claimed by an attempt
+        self._isolates: OrderedDict[int, deque[tuple[int, str | None]]] = OrderedDict()
+        self._swapins: OrderedDict[int, deque[tuple[int, str | None]]] = OrderedDict()
+        self._page_pmd: OrderedDict[tuple[int, int], tuple[int, int, int]] = OrderedDict()
+        self._pending: OrderedDict[tuple[int, int], Counter[str]] = OrderedDict()
+        self.evicted: Counter[str] = Counter()  # PMD records: "lru", "exited", "process_cap"
+        self.dropped: Counter[str] = Counter()  # "isolate", "swapin", "pending_scans"
+        self._handlers: dict[int, Callable[[Any], None]] = {
+            lay.index: fn for lay, fn in ((self.scan, self._scan), (self.collapse, self._collapse),
+                                          (self.isolate, self._isolate),
+                                          (self.swapin, self._swapin), (self.tp_scan, self._tp))
+            if lay is not None}
+        col = self.collapse
+        self._col_order = col is not None and "order" in col.field_names
+        self._col_present = col is not None and "present" in col.field_names
+        self._col_flags = col is not None and "in_pmd_scan" in col.field_names
+        self._walk = self.scan is not None and "walk" in self.scan.field_names
 
     @property
     def active(self) -> bool:
         """PMD records need PMD addresses: function probes, or pagemap samples."""
         return self.scan is not None or self.collapse is not None or self.tp_scan is not None
 
-    def add(self, event: int, data: bytes) -> None:
-        for lay, handler in ((self.scan, self._scan), (self.collapse, self._collapse),
-                             (self.isolate, self._isolate), (self.swapin, self._swapin),
-                             (self.tp_scan, self._tp)):
-            if lay is not None and lay.index == event:
-                for rec in lay.struct.iter_unpack(data):
-                    handler(lay.record_type(*rec))
-                return
+    def add(self, batch: Batch) -> None:
+        handler = self._handlers.get(batch.layout.index)
+        if handler is not None:
+            for rec in batch.rows:
+                handler(rec)
 
-    def _pmd(self, rec: Any) -> _Pmd:
-        key = (rec.mm, rec.address & PMD_MASK)
-        p = self.pmds.get(key)
-        if p is None:
-            p = self.pmds[key] = _Pmd(rec.mm, rec.address & PMD_MASK)
-        if rec.owner_tgid and not p.pid:
-            p.pid, p.comm = rec.owner_tgid, rec.owner_comm.rstrip(b"\0").decode(errors="replace")
+    # --- records ---------------------------------------------------------------------------
+
+    def _pmd(self, mm: int, pid: int, comm: bytes, address: int, now_ns: int) -> PmdRecord:
+        proc, forced = self.processes.get(mm, pid, comm, now_ns)
+        for victim in forced:
+            self.drop_process(victim, "process_cap")
+        addr = address & PMD_MASK
+        key = (mm, pid, addr)
+        p = proc.pmds.get(addr)
+        if p is not None:
+            self.pmds.move_to_end(key)
+            p.last_ns = max(p.last_ns, now_ns)
+            return p
+        p = proc.pmds[addr] = self.pmds[key] = PmdRecord(proc, addr, now_ns, now_ns)
+        while len(self.pmds) > self.cap:
+            self._evict(next(iter(self.pmds.values())), "lru")
         return p
 
+    def _evict(self, p: PmdRecord, why: str) -> None:
+        if p.open_pass is not None:
+            self._close(p.open_pass)
+        del self.pmds[p.key]
+        p.process.pmds.pop(p.address, None)
+        self.waste.forget(p)
+        self.evicted[why] += 1
+
+    def drop_process(self, proc: ProcessRecord, why: str) -> None:
+        """Forget a process's PMD records (it exited, or the process table is full)."""
+        for p in list(proc.pmds.values()):
+            self._evict(p, why)
+
+    def mark_lost(self, mm: int, address: int, n: int) -> None:
+        """`n` more records about (mm, PMD at `address`) were refused by the ring buffer:
+        the PMD's record says so; a tracepoint record (address 0) names only the process."""
+        proc = self.processes.owner(mm)
+        if proc is None:
+            return
+        if not address:
+            proc.detail_lost += n
+            return
+        p = proc.pmds.get(address & PMD_MASK)
+        if p is not None:
+            p.detail_lost += n
+
+    # --- events -----------------------------------------------------------------------------
+
     def _scan(self, rec: Any) -> None:
-        p = self._pmd(rec)
+        p = self._pmd(rec.mm, rec.owner_tgid, rec.owner_comm, rec.address, rec.ts)
         p.vm_flags = rec.vm_flags
-        p.verdicts[self.scan.fmt.symbol("result", rec.result)] += rec.count
-        if getattr(rec, "walk", None) == 0:  # the PTE walk reached the PTE table
-            p.bitmap, p.bitmap_source = rec.present, "ptwalk"
-            p.bitmaps_seen.add(rec.present)
+        verdict = self.scan.fmt.symbol("result", rec.result)
+        p.verdicts[verdict] += rec.count
+        walked = None
+        if self._walk and rec.walk == 0:  # the PTE walk reached the PTE table
+            walked = bitmap.from_bytes(rec.present)
+            p.set_bitmap(walked, "ptwalk")
             p.ptes = {"none": rec.none_ptes, "swap": rec.swap_ptes,
                       "zero": rec.zero_ptes if rec.zero_known else None}
+        op = self.open.get(rec.tid)
+        if op is not None and op.pmd is p:
             # Before the mTHP series the scan function calls collapse_huge_page itself, so
             # its exit (and this bitmap, walked at its entry) arrives after the pass it made.
-            open_pass = self._open.get(rec.tid)
-            if open_pass is not None and open_pass.pmd is p and not open_pass.walked:
-                open_pass.bitmap, open_pass.walked = rec.present, True
+            if walked is not None and not op.walked:
+                op.bitmap, op.walked = walked, True
+            self._close(op)  # the per-PMD function returned: this visit is over
+        self.waste.rescan(p, verdict, rec.count)
 
     def _tp(self, rec: Any) -> None:
-        self._tp_scans[(rec.mm, getattr(rec, self.pagemap_ref),
-                        self.tp_scan.fmt.symbol("status", rec.status))] += rec.count
+        ref = getattr(rec, self.pagemap_ref)
+        verdict = self.tp_scan.fmt.symbol("status", rec.status)
+        key = self._page_pmd.get((rec.mm, ref))
+        p = self.pmds.get(key) if key is not None else None
+        if p is not None:
+            self.pmds.move_to_end(key)
+            p.verdicts[verdict] += rec.count
+            self.waste.rescan(p, verdict, rec.count)
+            return
+        pending = self._pending.get((rec.mm, ref))
+        if pending is None:
+            pending = self._pending[(rec.mm, ref)] = Counter()
+            if len(self._pending) > MAX_PENDING:
+                _, gone = self._pending.popitem(last=False)
+                self.dropped["pending_scans"] += sum(gone.values())
+        pending[verdict] += rec.count
 
     def add_pages(self, meta: dict[str, Any]) -> None:
-        """A pagemap sample (khmon.pagemap.PagemapSampler): the PMD's PTEs, read from user
-        space right after a scan event named a page in it."""
-        key = (meta["mm"], meta["address"])
-        p = self.pmds.get(key)
-        if p is None:
-            p = self.pmds[key] = _Pmd(*key)
-        if not p.pid:
-            p.pid, p.comm = meta["pid"], meta.get("comm", "")
-        self._page_pmd[(meta["mm"], meta["ref"])] = key
-        if p.bitmap_source in SOURCES[:SOURCES.index("pagemap")]:
-            return
-        present, zero, swap = (int(meta[k], 16) for k in ("present", "zero", "swap"))
-        # As in the kernel's bitmap: a bit per PTE that maps a page, the zero page excluded.
-        p.bitmap = (present & ~zero).to_bytes(BITMAP_BYTES, "big")
-        p.bitmap_source = "pagemap"
-        p.bitmaps_seen.add(p.bitmap)
-        p.ptes = {"none": meta["none"], "swap": swap.bit_count(), "zero": zero.bit_count(),
-                  "shared": meta["shared"]}
+        """A pagemap sample: the PMD's PTEs, read from user space right after a scan event
+        named a page in it (khmon.capture.pagemap_sampler)."""
+        mm, ref = meta["mm"], meta["ref"]
+        p = self._pmd(mm, meta["pid"], meta.get("comm", "").encode(), meta["address"],
+                      meta.get("ts", 0))
+        self._page_pmd[(mm, ref)] = p.key
+        self._page_pmd.move_to_end((mm, ref))
+        if len(self._page_pmd) > 2 * self.cap:
+            self._page_pmd.popitem(last=False)
+        present, zero, swap = (bitmap.from_hex(meta[k]) for k in ("present", "zero", "swap"))
+        if p.bitmap_source in (None, "pagemap", "inferred"):
+            # As in the kernel's bitmap: a bit per PTE that maps a page, the zero page excluded.
+            p.set_bitmap(present & ~zero, "pagemap")
+            p.ptes = {"none": meta["none"], "swap": bitmap.count(swap), "zero": bitmap.count(zero),
+                      "shared": meta["shared"]}
+        for verdict, n in (self._pending.pop((mm, ref), None) or {}).items():
+            p.verdicts[verdict] += n
+            self.waste.rescan(p, verdict, n)
 
     def _isolate(self, rec: Any) -> None:
-        self._isolates[rec.tid].append((rec.ts, self.isolate.fmt.symbol("status", rec.status)))
+        self._queue(self._isolates, rec.tid, (rec.ts, self.isolate.fmt.symbol("status", rec.status)),
+                    "isolate")
 
     def _swapin(self, rec: Any) -> None:
-        self._swapins[rec.tid].append(rec.ts)
+        self._queue(self._swapins, rec.tid, (rec.ts, None), "swapin")
+
+    def _queue(self, queues: OrderedDict[int, deque[tuple[int, str | None]]], tid: int,
+               item: tuple[int, str | None], what: str) -> None:
+        q = queues.get(tid)
+        if q is None:
+            q = queues[tid] = deque(maxlen=QUEUE)
+            if len(queues) > MAX_THREADS:
+                _, gone = queues.popitem(last=False)
+                self.dropped[what] += len(gone)
+        else:
+            queues.move_to_end(tid)
+        if len(q) == QUEUE:
+            self.dropped[what] += 1
+        q.append(item)
+
+    @staticmethod
+    def _claim(queues: OrderedDict[int, deque[tuple[int, str | None]]], tid: int, start: int,
+               end: int) -> list[tuple[int, str | None]]:
+        """Items of thread `tid` stamped within [start, end]; older ones are dropped (a
+        thread's events and attempts each come in time order: they match nothing now)."""
+        q = queues.get(tid)
+        mine = []
+        while q and q[0][0] <= end:
+            item = q.popleft()
+            if item[0] >= start:
+                mine.append(item)
+        return mine
 
     def _collapse(self, rec: Any) -> None:
-        p = self._pmd(rec)
-        # The isolate event of this attempt fired on this thread while it ran. A thread's
-        # isolates and attempts each come in time order: older isolates match nothing now.
+        p = self._pmd(rec.mm, rec.owner_tgid, rec.owner_comm, rec.address, rec.ts)
         start = rec.ts - rec.duration_ns
-        pending = self._isolates[rec.tid]
-        mine = []
-        while pending and pending[0][0] <= rec.ts:
-            ts, status = pending.popleft()
-            if ts >= start:
-                mine.append(status)
-        swapins = self._swapins[rec.tid]
-        swapped = False
-        while swapins and swapins[0] <= rec.ts:
-            swapped |= swapins.popleft() >= start
+        isolated = self._claim(self._isolates, rec.tid, start, rec.ts)
+        swapped = bool(self._claim(self._swapins, rec.tid, start, rec.ts))
         offset = (rec.address - p.address) >> PAGE_SHIFT
-        order = getattr(rec, "order", PMD_ORDER)
+        order = rec.order if self._col_order else PMD_ORDER
         result = self.collapse.fmt.symbol("result", rec.result)
-        key = (offset, order, mine[-1] if mine else None, result)
-        a = p.attempts.setdefault(key, _Attempt())
-        a.count += rec.count
-        a.latency_sum += rec.duration_ns * rec.count
-        a.latency_max = max(a.latency_max, rec.duration_ns)
-        present = getattr(rec, "present", None)
-        if present is not None and p.bitmap_source != "ptwalk":
-            p.bitmap, p.bitmap_source = present, "kernel"
-            p.bitmaps_seen.add(present)
-        open_pass = self._open.get(rec.tid)
-        step = (offset, order, result, swapped)
-        if open_pass is not None and open_pass.follows(p, offset, order):
-            open_pass.attempts.append(step)
-            open_pass.latencies.append(rec.duration_ns)
+        key = (offset, order, isolated[-1][1] if isolated else None, result)
+        a = p.attempts.get(key)
+        if a is None and len(p.attempts) < MAX_ATTEMPT_ROWS:
+            a = p.attempts[key] = AttemptStats()
+        if a is None:
+            p.attempts_dropped += rec.count
         else:
-            if open_pass is not None:
-                open_pass.close()
-            self._open[rec.tid] = _OpenPass(p, p.bitmap, [step], [rec.duration_ns])
+            a.count += rec.count
+            a.latency_sum += rec.duration_ns * rec.count
+            a.latency_max = max(a.latency_max, rec.duration_ns)
+        if self._col_present:
+            p.set_bitmap(bitmap.from_bytes(rec.present), "kernel")
+        flags = p.vm_flags
+        if self._col_flags and rec.in_pmd_scan:
+            flags = rec.vm_flags  # the VMA of the per-PMD call this attempt ran in
+            if p.vm_flags is None:
+                p.vm_flags = flags
+        uffd = flags is not None and bool(flags & self._uffd_mask)
+        if uffd:
+            p.process.uffd_attempts += rec.count
+        self.waste.attempt(p, order, result, rec.duration_ns, uffd)
+        step = (offset, order, result, swapped)
+        op = self.open.get(rec.tid)
+        if op is not None and op.follows(p, offset, order):
+            op.steps.append(step)
+            op.latencies.append(rec.duration_ns)
+            op.last_ns = rec.ts
+            self.open.move_to_end(rec.tid)
+            return
+        if op is not None:
+            self._close(op)
+        op = OpenPass(rec.tid, p, p.bitmap, [step], [rec.duration_ns], self.epoch(), rec.ts)
+        self.open[rec.tid] = p.open_pass = op
+        if len(self.open) > MAX_THREADS:
+            self._close(next(iter(self.open.values())))
 
-    def _close_passes(self) -> None:
-        """End every thread's pass: the stream (or this window of it) is over."""
-        for open_pass in self._open.values():
-            open_pass.close()
-        self._open.clear()
+    def _close(self, op: OpenPass) -> None:
+        if self.open.get(op.tid) is op:
+            del self.open[op.tid]
+        p = op.pmd
+        if p.open_pass is op:
+            p.open_pass = None
+        key = op.key
+        kept = p.passes.get(key)
+        repeated = kept is not None
+        if kept is None and len(p.passes) < MAX_PASSES:
+            kept = p.passes[key] = PassStats(0, [0] * len(op.steps))
+        if kept is None:
+            p.passes_dropped += 1
+        else:
+            kept.count += 1
+            kept.latency_sums = [a + b for a, b in zip(kept.latency_sums, op.latencies, strict=True)]
+        self.waste.pass_closed(op, repeated)
+
+    # --- the stream's clock ----------------------------------------------------------------
+
+    def tick(self, now_ns: int) -> None:
+        """A stats part at `now_ns`: passes idle for PASS_GAP_NS are over."""
+        for op in [op for op in self.open.values() if now_ns - op.last_ns > PASS_GAP_NS]:
+            self._close(op)
+
+    def end(self) -> None:
+        """The stream ended: every pass is over."""
+        for op in list(self.open.values()):
+            self._close(op)
+
+    # --- reading (never changes a record) ---------------------------------------------------
 
     def records(self, infer_bitmaps: bool = True) -> list[dict[str, Any]]:
-        """PMD records, the ones with the most attempts first. `infer_bitmaps` False when
-        the stream lost collapse or swap-in records: the `inferred` source then says nothing
-        rather than something wrong."""
-        self._close_passes()
-        uffd = [m for name, m in self.vma_flag_bits.items() if name.startswith("uffd")]
-        tp_scans: dict[tuple[int, int], Counter[str]] = defaultdict(Counter)
-        for (mm, ref, verdict), n in self._tp_scans.items():
-            key = self._page_pmd.get((mm, ref))
-            if key is not None:
-                tp_scans[key][verdict] += n
-        out = []
-        for key, p in self.pmds.items():
-            verdicts = p.verdicts + tp_scans.get(key, Counter())
-            flags = p.vm_flags
-            armed = bool(any(flags & m for m in uffd)) if flags is not None and uffd else None
-            # Worked out afresh for each call (live views ask repeatedly), never stored: a
-            # later pass must not take a partly known bitmap for its own.
-            bitmap, source = p.bitmap, p.bitmap_source
-            known = self._inferred(p, bool(armed)) if bitmap is None and infer_bitmaps else None
-            if known is not None:
-                bitmap, source = known.present.to_bytes(BITMAP_BYTES, "little"), "inferred"
-            out.append({
-                "pid": p.pid or None,
-                "comm": p.comm,
-                "mm": hex(p.mm),
-                "address": hex(p.address),
-                "vma_flags": flags,
-                "vma_flag_names": (sorted(n for n, m in self.vma_flag_bits.items() if flags & m)
-                                   if flags is not None else None),
-                "uffd": armed,
-                "scans": sum(verdicts.values()),
-                "verdict": verdicts.most_common(1)[0][0] if verdicts else None,
-                "verdicts": dict(verdicts.most_common()),
-                "bitmap": bitmap.hex() if bitmap is not None else None,
-                "bitmap_source": source,
-                "bitmap_known": (known.mask.to_bytes(BITMAP_BYTES, "little").hex()
-                                 if known is not None else None),
-                "present": bitmap_count(bitmap) if bitmap is not None else None,
-                "bitmaps_seen": len(p.bitmaps_seen),
-                "ptes": p.ptes,
-                "attempts": [{"offset": off, "order": order, "isolate_status": iso, "status": st,
-                              "count": a.count, "latency_ns": a.latency_sum // a.count,
-                              "latency_ns_max": a.latency_max}
-                             for (off, order, iso, st), a in p.attempts.items()],
-                "passes": [{"count": ps.count, "bitmap": bm.hex() if bm is not None else None,
-                            "attempts": [{"offset": off, "order": order, "status": st,
-                                          "swapped_in": swapped, "latency_ns": ns // ps.count}
-                                         for (off, order, st, swapped), ns
-                                         in zip(steps, ps.latency_sums, strict=True)]}
-                           for (bm, steps), ps in p.passes.items()],
-                "passes_dropped": p.passes_dropped,
-            })
+        """Every PMD record as JSON, the ones with the most attempts first. `infer_bitmaps`
+        False when the stream lost collapse or swap-in records: the `inferred` source then
+        says nothing rather than something wrong."""
+        out = [self.record_json(p, infer_bitmaps) for p in self.pmds.values()]
         out.sort(key=lambda r: (-sum(a["count"] for a in r["attempts"]), -r["scans"],
                                 r["address"]))
         return out
 
-    def _inferred(self, p: _Pmd, uffd: bool) -> infer.Known | None:
-        """What the PMD's passes pin of its bitmap (khmon.infer), under the capture's
-        settings for this VMA; None when they pin nothing."""
-        unread = [steps for bitmap, steps in p.passes if bitmap is None]
-        if not unread:  # no attempts, or every pass had a bitmap: nothing to work out
+    def record_json(self, p: PmdRecord, infer_bitmaps: bool = True) -> dict[str, Any]:
+        known = self._inferred(p) if p.bitmap is None and infer_bitmaps else None
+        return p.to_json(self.flag_bits, known)
+
+    def _inferred(self, p: PmdRecord) -> tuple[int, int] | None:
+        """What the PMD's closed passes pin of its bitmap (khmon.model.infer), each under the
+        settings in force when it was made; None when they pin nothing."""
+        unread = [(steps, epoch) for bits, steps, epoch in p.passes if bits is None]
+        if not unread:
             return None
-        mask = self.vma_flag_bits.get("hugepage")
-        hugepage = p.vm_flags is None or mask is None or bool(p.vm_flags & mask)
-        settings = settings_from_sysfs(self.settings, vma_hugepage=hugepage, uffd=uffd)
-        known = infer.merge(infer.from_pass(steps, settings) for steps in unread)
-        return known if known is not None and known.mask else None
-
-
-def bitmap_count(bitmap: bytes) -> int:
-    return int.from_bytes(bitmap, "little").bit_count()
-
-
-def bitmap_bits(bitmap: bytes) -> list[bool]:
-    """PTE i's bit, for i in 0..511: bit i of the little-endian integer is bit i%8 of byte i//8."""
-    n = int.from_bytes(bitmap, "little")
-    return [bool(n >> i & 1) for i in range(len(bitmap) * 8)]
+        hugepage_mask = self.flag_bits.get("hugepage")
+        hugepage = p.vm_flags is None or hugepage_mask is None or bool(p.vm_flags & hugepage_mask)
+        uffd = p.vm_flags is not None and bool(p.vm_flags & self._uffd_mask)
+        found = []
+        for steps, epoch in unread:
+            knobs = self.settings(epoch)
+            if knobs is not None:
+                found.append(infer.from_pass(steps, settings_from_sysfs(
+                    knobs, vma_hugepage=hugepage, uffd=uffd)))
+        known = infer.merge(found)
+        return (known.present, known.mask) if known is not None and known.mask else None

@@ -32,6 +32,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from ..geometry import PMD_ORDER
+from ..stream.bitmap import span
 from .khugepaged import Settings, collapse_max_ptes_none, v19_walk
 
 # (offset, order, result, swapped_in) of one collapse_huge_page call, in call order
@@ -76,11 +77,6 @@ def merge(known: Iterable[Known | None]) -> Known | None:
     return Known(present & ~both, clear & ~both)
 
 
-def _span(offset: int, order: int) -> int:
-    """The bits of PTEs [offset, offset + 2^order)."""
-    return ((1 << (1 << order)) - 1) << offset
-
-
 class _Observed:
     """A v19_walk run whose answers are the kernel's observed attempts."""
 
@@ -95,9 +91,9 @@ class _Observed:
         if passed and need >= 1 << order:
             # at PMD order swap PTEs count as occupied: only a try without swap-in pins them
             if order != PMD_ORDER or not self.steps[self.next][3]:
-                self.present |= _span(offset, order)
+                self.present |= span(offset, order)
         elif not passed and need <= 1:
-            self.clear |= _span(offset, order)
+            self.clear |= span(offset, order)
         return passed
 
     def attempt(self, offset: int, order: int) -> str | None:
@@ -107,7 +103,7 @@ class _Observed:
             return result
         if not swapped and collapse_max_ptes_none("v19", self.settings, order,
                                                   self.settings.uffd) == 0:
-            self.present |= _span(offset, order)
+            self.present |= span(offset, order)
         return None
 
     def stop(self, reason: str) -> None:

@@ -1,187 +1,359 @@
-"""The report: counts per event, status, order and process over a window, beside the
-kernel's own counters for the same window.
+"""The model: everything khmon knows about a stream, fed part by part, read by snapshots.
 
-The Aggregator consumes the parts of an event stream (recording.Part: header, record
-batches, stats, end), whether they come from a recording or straight from the probes, so
-`khmon report FILE` and `khmon report --live` give the same answers for the same events.
-Records are unpacked in batches with struct.iter_unpack and counted with one dict update per
-record, weighted by each record's `count` (a deduplicated scan stands for many events).
+It consumes the parts of one event stream (khmon.stream.parts), whether they come from live
+capture or a recording, so `khmon report FILE`, `khmon report --live` and the daemon give
+the same answers for the same events. Each R part is decoded once (khmon.stream.decode) and
+handed to the counters and the PMD correlator. Stats parts move the stream's clock: they
+carry the in-kernel exact counts, settings changes, exited processes and PMDs whose detail
+was lost, and they close passes that went idle.
+
+Reading never changes the model: snapshot() and report() build fresh dicts. Every total only
+grows. Every structure is bounded (PMD records, processes, queues), and what is dropped is
+counted and reported under `model`.
 """
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
-from typing import Any, NamedTuple
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
-from ..capture import plan as funcprobes
+from ..geometry import PMD_ORDER
 from ..kernel.sysfs import counter_delta
+from ..stream.decode import Batch, Decoder
+from ..stream.events import (
+    COLLAPSE,
+    COLLAPSE_FILE,
+    FN_COLLAPSE,
+    FN_PMD_SCAN,
+    SCAN_FILE,
+    SCAN_PMD,
+    SUCCEEDED,
+    SWAPIN,
+)
 from ..stream.layout import EventLayout, layouts_from_header
-from ..stream.recording import Part
-from .correlate import SCAN_PMD, SWAPIN, PmdCorrelator
-from .waste import wasted
+from ..stream.parts import END, PAGES, RECORDS, STATS, Part
+from .correlate import DEFAULT_PMD_CAP, Correlator
+from .counts import UFFD_YES, Cell, EventCounts, ExactCounts
+from .processes import DEFAULT_CAP as DEFAULT_PROCESS_CAP
+from .processes import ProcessTable
+from .records import Cost, ProcessRecord
+from .waste import Waste, folio_bytes, unavailable, wasted_folio
 
-SCAN_FILE = "mm_khugepaged_scan_file"
-COLLAPSE = "mm_collapse_huge_page"
-COLLAPSE_FILE = "mm_khugepaged_collapse_file"
-SUCCEEDED = "succeeded"
-
-
-class Row(NamedTuple):
-    """Counts of one event for one combination of owner, status, order and VMA flags."""
-
-    tgid: int
-    comm: str
-    status: str | None
-    order: int | None
-    vm_flags: int | None
-    count: int
-    dur_sum: int  # ns, summed over the events (function probes with an exit only)
-    dur_max: int
+MAX_SETTINGS_EPOCHS = 256  # settings changes remembered (older passes lose their inference)
+MAX_LOST_KEYS = 16384  # (mm, PMD) loss counters followed
+TOP = 20  # processes and PMDs in a snapshot
 
 
-class _EventCounts:
-    """Weighted counts of one event's records by (owner tgid, owner comm, status, order, VMA
-    flags), with durations summed where the event has them."""
+@dataclass(frozen=True)
+class Snapshot:
+    """What the model knew at one moment of the stream. `report` has the keys of
+    `khmon report --json`, with its process and PMD lists capped to the most active."""
 
-    def __init__(self, lay: EventLayout) -> None:
-        self.lay = lay
-        self.status = lay.fmt.status_field
-        names = lay.field_names
-        self.has_order = "order" in names
-        self.has_flags = "vm_flags" in names
-        self.has_dur = "duration_ns" in names
-        key = ["owner_tgid", "owner_comm"]
-        key += [self.status] if self.status else []
-        key += ["order"] if self.has_order else []
-        key += ["vm_flags"] if self.has_flags else []
-        # Unpack only count, the key fields and durations; tuples come out in record order.
-        wanted = ("count", *key, *(["duration_ns"] if self.has_dur else []))
-        self.unpack = lay.projection(wanted)
-        order = [n for n, _off, _code in lay.items if n in wanted]
-        self.i_count = order.index("count")
-        self.i_dur = order.index("duration_ns") if self.has_dur else None
-        self.key_at = [order.index(n) for n in key]
-        self.counts: Counter[tuple] = Counter()
-        self.dur_sum: Counter[tuple] = Counter()
-        self.dur_max: dict[tuple, int] = {}
-        self.records = 0
+    seq: int
+    mono_ns: int  # stream time: the latest stats part
+    report: dict[str, Any]
+    processes_total: int
+    pmds_total: int
 
-    def add(self, data: bytes) -> None:
-        # Counting identical tuples runs in C; only distinct ones reach the Python loop.
-        distinct = Counter(self.unpack.iter_unpack(data))
-        counts, i_count, key_at, i_dur = self.counts, self.i_count, self.key_at, self.i_dur
-        for rec, n in distinct.items():
-            key = tuple(rec[i] for i in key_at)
-            counts[key] += rec[i_count] * n
-            if i_dur is not None:
-                self.dur_sum[key] += rec[i_dur] * n
-                self.dur_max[key] = max(self.dur_max.get(key, 0), rec[i_dur])
-        self.records += len(data) // self.lay.size
 
-    def rows(self) -> list[Row]:
-        out = []
-        for key, n in self.counts.items():
-            rest = list(key[2:])
-            status = self.lay.fmt.symbol(self.status, rest.pop(0)) if self.status else None
-            order = rest.pop(0) if self.has_order else None
-            flags = rest.pop(0) if self.has_flags else None
-            out.append(Row(key[0], key[1].rstrip(b"\0").decode(errors="replace"), status,
-                           order, flags, n, self.dur_sum.get(key, 0),
-                           self.dur_max.get(key, 0)))
+class Model:
+    """Feed it the parts of one stream; snapshot() and report() read it."""
+
+    def __init__(self, header: dict, layouts: list[EventLayout] | None = None, *,
+                 pmd_cap: int = DEFAULT_PMD_CAP, process_cap: int = DEFAULT_PROCESS_CAP,
+                 exit_grace_s: float | None = None) -> None:
+        """`layouts`: the ones the header describes, when the caller has them already.
+        `exit_grace_s`: how long an exited process's records stay (None: until the caps
+        push them out, which is what a report of one window wants)."""
+        self.header = header
+        self.layouts = layouts if layouts is not None else layouts_from_header(header["events"])
+        self.decoder = Decoder(self.layouts)
+        self.events = [EventCounts(lay) for lay in self.layouts]
+        self.exact = ExactCounts(self.layouts)
+        self.processes = ProcessTable(process_cap, None if exit_grace_s is None
+                                      else int(exit_grace_s * 1e9))
+        self.waste = Waste()
+        self.now_ns: int = header["start_mono_ns"]
+        # settings epochs: (first epoch number kept, [(mono_ns, knobs)])
+        self._epoch0 = 0
+        self._settings: list[tuple[int, dict[str, str]]] = [(self.now_ns,
+                                                             dict(header.get("settings", {})))]
+        self.pmds = Correlator(self.layouts, header.get("vma_flag_bits", {}), self.processes,
+                               self.waste, self._settings_at, self._epoch,
+                               header.get("pagemap_ref"), pmd_cap)
+        self._on_owner = [self._owner_counter(lay) for lay in self.layouts]
+        self._lost_seen: OrderedDict[tuple[int, int], int] = OrderedDict()
+        self.last_stats: dict | None = None
+        self.ended = False
+        self.seq = 0
+
+    # --- feeding ---------------------------------------------------------------------------
+
+    def add(self, part: Part, batch: Batch | None = None) -> None:
+        """One part of the stream. `batch`: the R part already decoded (the pipeline decodes
+        once and shares the batch with the capture's own consumers)."""
+        if part.kind == RECORDS:
+            batch = batch or self.decoder.batch(part.event, part.data)
+            if batch is not None:
+                self.events[batch.layout.index].add(batch, self._owner,
+                                                    self._on_owner[batch.layout.index])
+                self.pmds.add(batch)
+        elif part.kind == PAGES:
+            self.pmds.add_pages(part.meta)
+        elif part.kind in (STATS, END):
+            self._stats(part.meta, part.kind == END)
+
+    def _owner(self, mm: int, tgid: int, raw_comm: bytes) -> ProcessRecord:
+        proc, forced = self.processes.get(mm, tgid, raw_comm, self.now_ns)
+        for victim in forced:
+            self.pmds.drop_process(victim, "process_cap")
+        return proc
+
+    def _owner_counter(self, lay: EventLayout) -> Callable[[ProcessRecord, tuple, int], None] | None:
+        """How an event's counts add to its process: scans, or collapse attempts."""
+        if lay.name in (SCAN_PMD, SCAN_FILE):
+            def scans(p: ProcessRecord, _key: tuple, n: int) -> None:
+                p.scans += n
+            return scans
+        if lay.name in (COLLAPSE, COLLAPSE_FILE) and lay.fmt.status_field:
+            ok = {v for v, name in lay.fmt.symbols[lay.fmt.status_field].items()
+                  if name == SUCCEEDED}
+
+            def attempts(p: ProcessRecord, key: tuple, n: int) -> None:
+                p.collapse_attempts += n
+                if key[0] in ok:
+                    p.collapses += n
+            return attempts
+        return None
+
+    def _stats(self, meta: dict, end: bool) -> None:
+        if not isinstance(meta.get("mono_ns"), int):
+            return
+        self.now_ns = max(self.now_ns, meta["mono_ns"])
+        self.last_stats = meta
+        self.exact.update(meta.get("probe") or {})
+        if isinstance(meta.get("settings"), dict):
+            self._settings.append((self.now_ns, dict(meta["settings"])))
+            if len(self._settings) > MAX_SETTINGS_EPOCHS:
+                del self._settings[0]
+                self._epoch0 += 1
+        for pid in meta.get("exited") or ():
+            self.processes.exited(pid, self.now_ns)
+        for mm, address, n in meta.get("lost_pmds") or ():
+            key = (mm, address)
+            before = self._lost_seen.get(key, 0)
+            # the kernel's map is an LRU: a key it dropped and made again counts from 0
+            self.pmds.mark_lost(mm, address, n - before if n >= before else n)
+            self._lost_seen[key] = n
+            self._lost_seen.move_to_end(key)
+            if len(self._lost_seen) > MAX_LOST_KEYS:
+                self._lost_seen.popitem(last=False)
+        self.pmds.tick(self.now_ns)
+        for p in self.processes.expire(self.now_ns):
+            self.pmds.drop_process(p, "exited")
+        if end:
+            self.pmds.end()
+            self.ended = True
+
+    def _epoch(self) -> int:
+        return self._epoch0 + len(self._settings) - 1
+
+    def _settings_at(self, epoch: int) -> dict[str, str] | None:
+        i = epoch - self._epoch0
+        return self._settings[i][1] if 0 <= i < len(self._settings) else None
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def snapshot(self, top: int = TOP) -> Snapshot:
+        """The report as of now, with its lists capped to the `top` most active processes
+        and PMDs: O(what changed + top), never a walk over every PMD record."""
+        self.seq += 1
+        procs = sorted(self.processes.procs.values(), key=_activity, reverse=True)[:top]
+        recent = []
+        for p in reversed(self.pmds.pmds.values()):  # most recently active last in the table
+            if len(recent) >= top:
+                break
+            recent.append(self.pmds.record_json(p, self._infer_ok()))
+        return Snapshot(self.seq, self.now_ns, self._report(procs, recent, []),
+                        len(self.processes), len(self.pmds.pmds))
+
+    def report(self, warnings: list[str] | None = None) -> dict[str, Any]:
+        """The whole report: every process and every PMD record still held."""
+        procs = sorted(self.processes.procs.values(),
+                       key=lambda p: (-p.collapses, -p.scans, p.pid or 0))
+        return self._report(procs, self.pmds.records(self._infer_ok()), warnings or [])
+
+    def _accounting(self) -> dict[str, dict[str, int]]:
+        probe = (self.last_stats or {}).get("probe") or {}
+        seen, lost, missed = (probe.get(k) or {} for k in ("seen", "lost", "missed"))
+        out = {}
+        for ec in self.events:
+            n = ec.lay.name
+            a = {"seen": seen.get(n, 0), "recorded": ec.total, "records": ec.records,
+                 "lost": lost.get(n, 0), "missed": missed.get(n, 0)}
+            a["unaccounted"] = a["seen"] - a["recorded"] - a["lost"]
+            out[n] = a
+        return out
+
+    def _infer_ok(self) -> bool:
+        """An attempt the ring buffer lost would make the inference pin PTEs wrongly
+        (khmon.model.infer): then it pins nothing."""
+        acc = self._accounting()
+        return all(not a["lost"] and not a["unaccounted"] for name, a in acc.items()
+                   if name in (FN_COLLAPSE, SWAPIN))
+
+    def _report(self, procs: list[ProcessRecord], pmds: list[dict[str, Any]],
+                warnings: list[str]) -> dict[str, Any]:
+        h = self.header
+        end = self.last_stats or {}
+        cells = {ec.lay.name: ec.cells() for ec in self.events}
+        events = {ec.lay.name: ec.total for ec in self.events}
+        accounting = self._accounting()
+        start_counters = h.get("counters", {})
+        end_counters = end.get("counters", start_counters)
+        lost = sum(a["lost"] + a["missed"] for a in accounting.values())
+        exact_waste = self._exact_waste()
+        return {
+            "kernel": {"release": h["kernel"]["release"],
+                       "has_order": any(ec.has_order for ec in self.events),
+                       "owner_source": h.get("owner_source", "unknown")},
+            "window": {"seconds": round((self.now_ns - h["start_mono_ns"]) / 1e9, 3),
+                       "start": h.get("start_wall"), "end": end.get("wall"),
+                       "complete": self.ended},
+            "filter": {"pid": (h.get("options") or {}).get("pid") or None},
+            "settings": dict(self._settings[-1][1]),
+            "settings_changes": [{"seconds": round((ns - h["start_mono_ns"]) / 1e9, 3),
+                                  "epoch": self._epoch0 + i, "settings": dict(s)}
+                                 for i, (ns, s) in enumerate(self._settings) if i or self._epoch0],
+            "probes": dict(h.get("attached") or {}),
+            "events": events,
+            "collapse": _collapse(self._exact_cells(COLLAPSE, cells.get(COLLAPSE, [])),
+                                  self._exact_cells(COLLAPSE_FILE, cells.get(COLLAPSE_FILE, []))),
+            "exact_counts": bool(self.exact.cells),
+            "scan_pmd": {"by_status": _by_status(cells.get(SCAN_PMD, []))},
+            "by_event": {name: {"count": events[name], "by_status": _by_status(cs)}
+                         for name, cs in cells.items()},
+            "processes": [p.to_json() for p in procs],
+            "functions": self._functions(cells),
+            "pmds": pmds,
+            "wasted": (self.waste.to_json(self.processes.procs.values(), exact_waste)
+                       if self.pmds.active else unavailable()),
+            "kernel_counters": {"start": start_counters, "end": end_counters,
+                                "delta": counter_delta(start_counters, end_counters)},
+            "lost_events": lost,
+            "accounting": accounting,
+            "model": {"pmds_tracked": len(self.pmds.pmds), "pmd_cap": self.pmds.cap,
+                      "pmds_evicted": dict(self.pmds.evicted),
+                      "processes_tracked": len(self.processes),
+                      "processes_forgotten": dict(self.processes.forgotten),
+                      "dropped": dict(self.pmds.dropped),
+                      "open_passes": len(self.pmds.open),
+                      "decode_errors": self.decoder.errors},
+            "warnings": list(warnings),
+        }
+
+    def _exact_cells(self, name: str, cells: list[Cell]) -> list[Cell]:
+        """An event's (status, order) counts: per cell the larger of the records' count and
+        the kernel's exact one (equal at the end of a stream, exact when records were lost)."""
+        exact = self.exact.by_status_order(name)
+        if not exact:
+            return cells
+        mine: Counter[tuple[str | None, int | None]] = Counter()
+        for c in cells:
+            mine[(c.status, c.order)] += c.count
+        return [Cell(status, order, None, max(mine.get((status, order), 0),
+                                              exact.get((status, order), 0)), 0, 0)
+                for status, order in {*mine, *exact}]
+
+    def _exact_waste(self) -> dict[str, Cost] | None:
+        """uffd_isolate and alloc_then_fail as the kernel counted them (fn_collapse)."""
+        cells = self.exact.cells.get(FN_COLLAPSE)
+        if cells is None:
+            return None
+        out = {"uffd_isolate": Cost(), "alloc_then_fail": Cost()}
+        for c in cells:
+            if wasted_folio(c.status):
+                reason = "uffd_isolate" if c.uffd == UFFD_YES else "alloc_then_fail"
+                out[reason].add(c.count, c.count * folio_bytes(c.order if c.order is not None
+                                                               else PMD_ORDER), c.dur_sum)
+        return out
+
+    def _functions(self, cells: dict[str, list[Cell]]) -> dict[str, Any]:
+        """What the function probes saw: collapse_huge_page calls with their results and time
+        (the kernel's exact counts where the stream has them), and per-PMD scans by VMA flag."""
+        fp = self.header.get("function_probes", {})
+        out: dict[str, Any] = {"mode": fp.get("mode"), "refused": fp.get("refused", {})}
+        calls = cells.get(FN_COLLAPSE, [])
+        exact = self.exact.cells.get(FN_COLLAPSE)
+        rows = ([(c.order, c.status, c.count, c.dur_sum, c.dur_max, c.uffd) for c in exact]
+                if exact is not None else
+                [(c.order, c.status, c.count, c.dur_sum, c.dur_max, None) for c in calls])
+        if rows:
+            by_order: dict[str, dict[str, Any]] = {}
+            results: Counter[str] = Counter()
+            uffd: Counter[str] = Counter()
+            for order, status, n, ns, mx, armed in rows:
+                o = by_order.setdefault(str(order if order is not None else "pmd"),
+                                        {"calls": 0, "succeeded": 0, "seconds": 0.0, "max_ns": 0})
+                o["calls"] += n
+                o["succeeded"] += n if status == SUCCEEDED else 0
+                o["seconds"] += ns / 1e9
+                o["max_ns"] = max(o["max_ns"], mx)
+                results[status] += n
+                if armed is not None:
+                    uffd[{0: "no", 1: "yes"}.get(armed, "unknown")] += n
+            out["collapse_huge_page"] = {
+                "calls": sum(results.values()),
+                "by_result": dict(results.most_common()),
+                "seconds": sum(r[3] for r in rows) / 1e9,
+                "by_order": dict(sorted(by_order.items(), key=lambda kv: kv[0])),
+                "exact": exact is not None,
+            }
+            if uffd:
+                out["collapse_huge_page"]["by_uffd"] = dict(uffd)
+            hist = self.exact.hist.get(FN_COLLAPSE)
+            if hist:
+                out["collapse_huge_page"]["latency_log2_ns"] = _histogram(hist)
+        scans = cells.get(FN_PMD_SCAN, [])
+        if scans:
+            bits = self.header.get("vma_flag_bits", {})
+            masks = [m for name, m in bits.items() if name.startswith("uffd")]
+            out["pmd_scans"] = {
+                "calls": sum(c.count for c in scans),
+                "by_vma_flag": {name: sum(c.count for c in scans if (c.vm_flags or 0) & m)
+                                for name, m in bits.items()},
+                "uffd_armed": (sum(c.count for c in scans if any((c.vm_flags or 0) & m
+                                                                   for m in masks))
+                               if masks else None),
+            }
         return out
 
 
-class Aggregator:
-    """Builds the report from the parts of one event stream."""
-
-    def __init__(self, header: dict, layouts: list[EventLayout] | None = None) -> None:
-        """`layouts`: the ones the header describes, when the caller has them already."""
-        self.header = header
-        self.layouts = layouts if layouts is not None else layouts_from_header(header["events"])
-        self.events = [_EventCounts(lay) for lay in self.layouts]
-        self.pmds = PmdCorrelator(self.layouts, header.get("vma_flag_bits", {}),
-                                  header.get("pagemap_ref"), header.get("settings"))
-        self.last_stats: dict | None = None
-        self.ended = False
-
-    def add(self, part: Part) -> None:
-        if part.kind == "R":
-            self.events[part.event].add(part.data)
-            if self.pmds.active:
-                self.pmds.add(part.event, part.data)
-        elif part.kind == "P":
-            self.pmds.add_pages(part.meta)
-        elif part.kind in ("S", "E"):
-            self.last_stats = part.meta
-            self.ended = self.ended or part.kind == "E"
-
-    def result(self, warnings: list[str] | None = None) -> dict[str, Any]:
-        h = self.header
-        end = self.last_stats or {}
-        rows = {ec.lay.name: ec.rows() for ec in self.events}
-        events = {name: sum(r.count for r in rs) for name, rs in rows.items()}
-        probe = end.get("probe", {})
-        lost = probe.get("lost", {})
-        missed = probe.get("missed", {})
-        seen = probe.get("seen", {})
-        accounting = {
-            ec.lay.name: {
-                "seen": seen.get(ec.lay.name, 0),
-                "recorded": events[ec.lay.name],
-                "records": ec.records,
-                "lost": lost.get(ec.lay.name, 0),
-                "missed": missed.get(ec.lay.name, 0),
-            }
-            for ec in self.events
-        }
-        for a in accounting.values():
-            a["unaccounted"] = a["seen"] - a["recorded"] - a["lost"]
-        start_counters = h.get("counters", {})
-        end_counters = end.get("counters", start_counters)
-        window = (end.get("mono_ns", h["start_mono_ns"]) - h["start_mono_ns"]) / 1e9
-        # An attempt the ring buffer lost (or one whose count cannot be placed) would make
-        # the inference pin PTEs wrongly (khmon.infer): then it pins nothing.
-        whole = all(not a["lost"] and not a["unaccounted"] for name, a in accounting.items()
-                    if name in (funcprobes.COLLAPSE, SWAPIN))
-        pmds = self.pmds.records(infer_bitmaps=whole)
-        return {
-            "kernel": {
-                "release": h["kernel"]["release"],
-                "has_order": any(ec.has_order for ec in self.events),
-                "owner_source": h.get("owner_source", "unknown"),
-            },
-            "window": {"seconds": round(window, 3), "start": h.get("start_wall"),
-                       "end": end.get("wall"), "complete": self.ended},
-            "filter": {"pid": h.get("options", {}).get("pid") or None},
-            "settings": h.get("settings", {}),
-            "events": events,
-            "collapse": _collapse(rows.get(COLLAPSE, []), rows.get(COLLAPSE_FILE, [])),
-            "scan_pmd": {"by_status": _by_status(rows.get(SCAN_PMD, []))},
-            "by_event": {name: {"count": events[name], "by_status": _by_status(rs)}
-                         for name, rs in rows.items()},
-            "processes": _processes(rows),
-            "functions": _functions(h, rows),
-            # One record per PMD the function probes saw (none without function probes).
-            "pmds": pmds,
-            "wasted": wasted(pmds, self.pmds.active),
-            "kernel_counters": {"start": start_counters, "end": end_counters,
-                                "delta": counter_delta(start_counters, end_counters)},
-            # Refused by the ring buffer, plus probe runs the kernel skipped (recursion).
-            "lost_events": sum(lost.values()) + sum(missed.values()),
-            "accounting": accounting,
-            "warnings": list(warnings or []),
-        }
+def _activity(p: ProcessRecord) -> tuple[int, int]:
+    """Most recently active first, then the busiest."""
+    return (p.last_ns // 1_000_000_000, p.scans + p.collapse_attempts)
 
 
-def _by_status(rows: list[Row]) -> dict[str, int]:
+def _histogram(rows: Iterable[tuple[int | None, bool, int, int]]) -> dict[str, dict[str, dict[str, int]]]:
+    """latency_log2_ns.<order>.<succeeded|failed>.<k> = calls that took [2^k, 2^(k+1)) ns."""
+    out: dict[str, dict[str, dict[str, int]]] = {}
+    for order, ok, bucket, n in sorted(rows, key=lambda r: (r[0] or 0, r[1], r[2])):
+        o = out.setdefault(str(order if order is not None else "pmd"), {})
+        o.setdefault("succeeded" if ok else "failed", {})[str(bucket)] = n
+    return out
+
+
+def _by_status(cells: Iterable[Cell]) -> dict[str, int]:
     c: Counter[str] = Counter()
-    for r in rows:
-        if r.status is not None:
-            c[r.status] += r.count
+    for x in cells:
+        if x.status is not None:
+            c[x.status] += x.count
     return dict(c.most_common())
 
 
-def _collapse(anon: list[Row], file: list[Row]) -> dict[str, Any]:
+def _collapse(anon: list[Cell], file: list[Cell]) -> dict[str, Any]:
     by_order: dict[str, dict[str, Any]] = {}
     for r in anon:
         if r.order is None:
@@ -190,6 +362,8 @@ def _collapse(anon: list[Row], file: list[Row]) -> dict[str, Any]:
         o["attempts"] += r.count
         o["succeeded"] += r.count if r.status == SUCCEEDED else 0
         o["by_status"][r.status] = o["by_status"].get(r.status, 0) + r.count
+    for o in by_order.values():
+        o["by_status"] = dict(sorted(o["by_status"].items(), key=lambda kv: -kv[1]))
     return {
         "attempts": sum(r.count for r in anon),
         "succeeded": sum(r.count for r in anon if r.status == SUCCEEDED),
@@ -199,61 +373,3 @@ def _collapse(anon: list[Row], file: list[Row]) -> dict[str, Any]:
                  "succeeded": sum(r.count for r in file if r.status == SUCCEEDED),
                  "by_status": _by_status(file)},
     }
-
-
-def _functions(h: dict, rows: dict[str, list[Row]]) -> dict[str, Any]:
-    """What the function probes saw: collapse_huge_page calls with their results and time,
-    and per-PMD scans by VMA flag (userfaultfd-armed or not)."""
-    fp = h.get("function_probes", {})
-    out: dict[str, Any] = {"mode": fp.get("mode"), "refused": fp.get("refused", {})}
-    calls = rows.get(funcprobes.COLLAPSE, [])
-    if calls:
-        by_order: dict[str, dict[str, Any]] = {}
-        for r in calls:
-            o = by_order.setdefault(str(r.order if r.order is not None else "pmd"),
-                                    {"calls": 0, "succeeded": 0, "seconds": 0.0, "max_ns": 0})
-            o["calls"] += r.count
-            o["succeeded"] += r.count if r.status == SUCCEEDED else 0
-            o["seconds"] += r.dur_sum / 1e9
-            o["max_ns"] = max(o["max_ns"], r.dur_max)
-        out["collapse_huge_page"] = {
-            "calls": sum(r.count for r in calls),
-            "by_result": _by_status(calls),
-            "seconds": sum(r.dur_sum for r in calls) / 1e9,
-            "by_order": by_order,
-        }
-    scans = rows.get(funcprobes.PMD_SCAN, [])
-    if scans:
-        bits = h.get("vma_flag_bits", {})
-        by_flag = {name: sum(r.count for r in scans if (r.vm_flags or 0) & mask)
-                   for name, mask in bits.items()}
-        uffd = [mask for name, mask in bits.items() if name.startswith("uffd")]
-        out["pmd_scans"] = {
-            "calls": sum(r.count for r in scans),
-            "by_vma_flag": by_flag,
-            "uffd_armed": (sum(r.count for r in scans if any((r.vm_flags or 0) & m
-                                                               for m in uffd))
-                           if uffd else None),
-        }
-    return out
-
-
-def _processes(rows: dict[str, list[Row]]) -> list[dict[str, Any]]:
-    procs: dict[int, dict[str, Any]] = defaultdict(
-        lambda: {"comm": "", "scans": 0, "collapse_attempts": 0, "collapses": 0})
-    for name, kind in ((SCAN_PMD, "scan"), (SCAN_FILE, "scan"), (COLLAPSE, "collapse"),
-                       (COLLAPSE_FILE, "collapse")):
-        for r in rows.get(name, []):
-            p = procs[r.tgid]
-            p["comm"] = p["comm"] or r.comm
-            if kind == "scan":
-                p["scans"] += r.count
-            else:
-                p["collapse_attempts"] += r.count
-                p["collapses"] += r.count if r.status == SUCCEEDED else 0
-    out = [{"pid": tgid or None, **p} for tgid, p in procs.items()]
-    for p in out:
-        if p["pid"] is None:
-            p["comm"] = "(owner unknown)"
-    out.sort(key=lambda p: (-p["collapses"], -p["scans"], p["pid"] or 0))
-    return out

@@ -1,7 +1,6 @@
-"""Wasted collapse work: detectors over PMD records, each with a stable reason name and a cost.
+"""Wasted collapse work: detectors fed by the stream, each with a stable reason and a cost.
 
-Each detector reads the report's pmds[] records (khmon.pmd: attempts, passes, verdicts, uffd,
-bitmaps) and names work khugepaged did that could not pay off. Cost comes in three measures:
+Cost comes in three measures:
   attempts  collapse_huge_page calls (or, for futile_rescan, PMD scans);
   bytes     memory: folio bytes allocated and thrown away, or for bloat/creep the empty PTEs a
             collapse filled (zeroed pages nobody asked for);
@@ -32,158 +31,158 @@ The reasons and the kernel code paths they stand for (mm/khugepaged.c):
                    against (a collapse adds none PTEs' worth of memory, which a later scan
                    counts as present and promotes again). Bytes: the empty PTEs it filled.
 
-What the detectors cannot see is said, not guessed: without function probes there are no PMD
-records (the report says why), and bloat/creep need a bitmap for the pass.
+Every total only grows: a cost is added when the stream shows it (an attempt, a scan, a
+closed pass) and never taken back, so totals can be exported as counters. uffd_isolate and
+alloc_then_fail are also counted in the kernel (khmon.model.counts.ExactCounts): their
+totals are the larger of the two, which is the kernel's at the end of a stream even when
+detail records were lost. futile_rescan is judged at each scan against the PMD's previous
+scan (same bitmap, same failing verdict), so a later bitmap does not undo earlier rescans.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any
 
 from ..geometry import PAGE
-from .khugepaged import bitmap_from_hex, weight
+from ..stream import bitmap
+from ..stream.events import SUCCEEDED
+from .records import Cost, OpenPass, PmdRecord, ProcessRecord
 
 REASONS = ("uffd_isolate", "alloc_then_fail", "futile_rescan", "order_cascade", "bloat", "creep")
-SUCCEEDED = "succeeded"
 # collapse_huge_page results that come before a folio exists: nothing was allocated.
 NO_FOLIO = frozenset({"alloc_huge_page_failed"})
 # Scan verdicts that are a PMD's state, not a failed try: already a huge page, or no PTE table.
 NOT_A_FAILURE = frozenset({SUCCEEDED, "page_pmd_mapped", "pmd_null", "pmd_none", "no_pte_table"})
 TOP = 5  # processes and PMDs listed per reason
-
-
-@dataclass
-class Cost:
-    attempts: int = 0
-    bytes: int = 0
-    seconds: float = 0.0
-
-    def add(self, attempts: int, nbytes: int, ns: int) -> None:
-        self.attempts += attempts
-        self.bytes += nbytes
-        self.seconds += ns / 1e9
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"attempts": self.attempts, "bytes": self.bytes, "seconds": round(self.seconds, 9)}
-
-
-@dataclass
-class _Reason:
-    total: Cost = field(default_factory=Cost)
-    by_process: dict[tuple[int | None, str], Cost] = field(default_factory=dict)
-    by_pmd: dict[tuple[int | None, str], Cost] = field(default_factory=dict)
-
-    def add(self, pmd: dict[str, Any], attempts: int, nbytes: int, ns: int) -> None:
-        if not (attempts or nbytes or ns):
-            return
-        self.total.add(attempts, nbytes, ns)
-        self.by_process.setdefault((pmd["pid"], pmd["comm"]), Cost()).add(attempts, nbytes, ns)
-        self.by_pmd.setdefault((pmd["pid"], pmd["address"]), Cost()).add(attempts, nbytes, ns)
-
-    def as_dict(self) -> dict[str, Any]:
-        def top(costs: dict[Any, Cost], names: tuple[str, str]) -> list[dict[str, Any]]:
-            ranked = sorted(costs.items(), key=lambda kv: (-kv[1].seconds, -kv[1].bytes,
-                                                           -kv[1].attempts))
-            return [{names[0]: k[0], names[1]: k[1], **c.as_dict()} for k, c in ranked[:TOP]]
-
-        return {**self.total.as_dict(),
-                "top_processes": top(self.by_process, ("pid", "comm")),
-                "top_pmds": top(self.by_pmd, ("pid", "address"))}
+_CANDIDATES = 8 * TOP  # PMDs followed per reason for its top list
+MAX_FILLED = 64  # successful collapses remembered per PMD for creep
 
 
 def folio_bytes(order: int) -> int:
     return PAGE << order
 
 
-def _empty_ptes(bitmap: str | None, offset: int, order: int) -> int | None:
-    """None/zero/swap PTEs in [offset, offset + 2^order) of a pass's bitmap (None: unknown)."""
-    if bitmap is None:
-        return None
-    return (1 << order) - weight(bitmap_from_hex(bitmap), offset, 1 << order)
+def wasted_folio(status: str) -> bool:
+    """Did an attempt with this result allocate a folio and then fail?"""
+    return status != SUCCEEDED and status not in NO_FOLIO
 
 
-def _wasted_folio(a: dict[str, Any]) -> bool:
-    """Did this attempt allocate a folio and then fail?"""
-    return a["status"] != SUCCEEDED and a["status"] not in NO_FOLIO
+def _rank(c: Cost) -> tuple[int, int, int]:
+    return (c.ns, c.bytes, c.attempts)
 
 
-def _attempt_costs(pmd: dict[str, Any], r: dict[str, _Reason]) -> None:
-    """uffd_isolate and alloc_then_fail, from the aggregated attempts (exact counts)."""
-    reason = r["uffd_isolate"] if pmd.get("uffd") else r["alloc_then_fail"]
-    for a in pmd["attempts"]:
-        if _wasted_folio(a):
-            n = a["count"]
-            reason.add(pmd, n, n * folio_bytes(a["order"]), n * a["latency_ns"])
+class Waste:
+    """The totals by reason, and who the costs belong to."""
 
+    def __init__(self) -> None:
+        self.totals = {r: Cost() for r in REASONS}
+        # per reason: PMD key -> record, the PMDs with the largest costs (bounded)
+        self._top: dict[str, dict[tuple[int, int, int], PmdRecord]] = {r: {} for r in REASONS}
+        self._floor: dict[str, tuple[int, int, int]] = dict.fromkeys(REASONS, (0, 0, 0))
 
-def _pass_steps(pmd: dict[str, Any]) -> Iterator[tuple[dict[str, Any], int]]:
-    """(pass, times seen) for the passes kept with the record."""
-    for p in pmd.get("passes") or ():
-        yield p, p["count"]
+    def charge(self, reason: str, pmd: PmdRecord, attempts: int, nbytes: int, ns: int) -> None:
+        if not (attempts or nbytes or ns):
+            return
+        self.totals[reason].add(attempts, nbytes, ns)
+        for owner in (pmd, pmd.process):
+            owner.waste.setdefault(reason, Cost()).add(attempts, nbytes, ns)
+        top = self._top[reason]
+        key = pmd.key
+        if key in top or len(top) < _CANDIDATES:
+            top[key] = pmd
+            return
+        # Costs only grow, so the smallest candidate cost seen last is a lower bound of the
+        # smallest now: a PMD not above it cannot enter, and costs no scan of the list.
+        rank = _rank(pmd.waste[reason])
+        if rank <= self._floor[reason]:
+            return
+        low_key, low = min(top.items(), key=lambda kv: _rank(kv[1].waste[reason]))
+        self._floor[reason] = _rank(low.waste[reason])
+        if rank > self._floor[reason]:
+            del top[low_key]
+            top[key] = pmd
 
+    def forget(self, pmd: PmdRecord) -> None:
+        """An evicted PMD leaves the top lists (its costs stay in the totals)."""
+        for top in self._top.values():
+            top.pop(pmd.key, None)
 
-def _cascade(pmd: dict[str, Any], r: _Reason) -> None:
-    for p, n in _pass_steps(pmd):
-        failed: list[tuple[int, int]] = []  # ranges [start, end) of failed attempts so far
-        for a in p["attempts"]:
-            start, end = a["offset"], a["offset"] + (1 << a["order"])
-            ok = a["status"] == SUCCEEDED
-            if not ok and any(s <= start and end <= e for s, e in failed):
-                r.add(pmd, n, n * folio_bytes(a["order"]) if _wasted_folio(a) else 0,
-                      n * a["latency_ns"])
+    # --- detectors ------------------------------------------------------------------------
+
+    def attempt(self, pmd: PmdRecord, order: int, status: str, latency_ns: int,
+                uffd: bool) -> None:
+        """One collapse_huge_page call: uffd_isolate or alloc_then_fail if it threw a folio
+        away. `uffd`: its VMA was userfaultfd-armed."""
+        if wasted_folio(status):
+            self.charge("uffd_isolate" if uffd else "alloc_then_fail", pmd, 1,
+                        folio_bytes(order), latency_ns)
+
+    def rescan(self, pmd: PmdRecord, verdict: str, scans: int) -> None:
+        """`scans` scans of the PMD ended with `verdict`: the ones that found it as the scan
+        before did (same bitmap, same failing verdict) are futile rescans."""
+        if verdict in NOT_A_FAILURE or pmd.bitmap is None:
+            pmd.last_state = None
+            return
+        state = (pmd.bitmap, verdict)
+        futile = scans if pmd.last_state == state else scans - 1
+        pmd.last_state = state
+        if futile > 0:
+            self.charge("futile_rescan", pmd, futile, 0, 0)
+
+    def pass_closed(self, op: OpenPass, repeated: bool) -> None:
+        """A pass ended. `repeated`: an identical pass (same bitmap, same attempts) was seen
+        on this PMD before, so this one repeated its attempts: their folios and time are the
+        futile rescan's cost."""
+        pmd = op.pmd
+        failed: list[tuple[int, int]] = []
+        for (offset, order, status, _swapped), ns in zip(op.steps, op.latencies, strict=True):
+            end = offset + (1 << order)
+            ok = status == SUCCEEDED
+            folio = folio_bytes(order) if wasted_folio(status) else 0
+            if repeated:
+                self.charge("futile_rescan", pmd, 0, folio, ns)
             if not ok:
-                failed.append((start, end))
-
-
-def _bloat_and_creep(pmd: dict[str, Any], bloat: _Reason, creep: _Reason) -> None:
-    filled: list[tuple[int, int, int]] = []  # (start, end, order) of earlier successful collapses
-    for p, n in _pass_steps(pmd):
-        for a in p["attempts"]:
-            if a["status"] != SUCCEEDED:
+                if any(s <= offset and end <= e for s, e in failed):
+                    self.charge("order_cascade", pmd, 1, folio, ns)
+                failed.append((offset, end))
                 continue
-            start, order = a["offset"], a["order"]
-            end = start + (1 << order)
-            empty = _empty_ptes(p["bitmap"], start, order)
+            empty = ((1 << order) - bitmap.weight(op.bitmap, offset, 1 << order)
+                     if op.bitmap is not None else None)
             if empty:
-                bloat.add(pmd, n, n * empty * PAGE, 0)
-            if any(start <= s and e <= end and o < order for s, e, o in filled):
-                creep.add(pmd, n, n * (empty or 0) * PAGE, n * a["latency_ns"])
-            filled.append((start, end, order))
+                self.charge("bloat", pmd, 1, empty * PAGE, 0)
+            if any(offset <= s and e <= end and o < order for s, e, o in pmd.filled):
+                self.charge("creep", pmd, 1, (empty or 0) * PAGE, ns)
+            if len(pmd.filled) < MAX_FILLED:
+                pmd.filled.append((offset, end, order))
+
+    # --- reading --------------------------------------------------------------------------
+
+    def to_json(self, processes: Iterable[ProcessRecord],
+                exact: dict[str, Cost] | None = None) -> dict[str, Any]:
+        """wasted.by_reason.<reason>: attempts, bytes, seconds, top processes and PMDs.
+        `exact`: the in-kernel totals of uffd_isolate and alloc_then_fail."""
+        procs = list(processes)
+        out: dict[str, Any] = {}
+        for reason in REASONS:
+            total = self.totals[reason]
+            k = (exact or {}).get(reason)
+            if k is not None:
+                total = Cost(max(total.attempts, k.attempts), max(total.bytes, k.bytes),
+                             max(total.ns, k.ns))
+            owners = sorted((p for p in procs if reason in p.waste),
+                            key=lambda p: _rank(p.waste[reason]), reverse=True)[:TOP]
+            pmds = sorted(self._top[reason].values(), key=lambda p: _rank(p.waste[reason]),
+                          reverse=True)[:TOP]
+            out[reason] = {**total.to_json(),
+                           "top_processes": [{"pid": p.pid or None, "comm": p.comm,
+                                              **p.waste[reason].to_json()} for p in owners],
+                           "top_pmds": [{"pid": p.process.pid or None, "address": hex(p.address),
+                                         **p.waste[reason].to_json()} for p in pmds]}
+        return {"available": True, "by_reason": out}
 
 
-def _futile(pmd: dict[str, Any], r: _Reason) -> None:
-    """Rescans that found the PMD as before: every scan beyond the first with a failing verdict,
-    provided the PMD showed one bitmap all along (a changed bitmap is a new state, not a
-    futile rescan; without a bitmap source the scans alone cannot prove it unchanged)."""
-    if pmd.get("bitmaps_seen", 0) != 1:
-        return
-    for verdict, scans in (pmd.get("verdicts") or {}).items():
-        if verdict in NOT_A_FAILURE or scans < 2:
-            continue
-        # The rescans repeated the attempts of a pass, when the verdict came from one.
-        per_pass = next((p for p, _ in _pass_steps(pmd)), None)
-        nbytes = ns = 0
-        if per_pass is not None:
-            nbytes = sum(folio_bytes(a["order"]) for a in per_pass["attempts"] if _wasted_folio(a))
-            ns = sum(a["latency_ns"] for a in per_pass["attempts"])
-        repeats = scans - 1
-        r.add(pmd, repeats, repeats * nbytes, repeats * ns)
-
-
-def wasted(pmds: Iterable[dict[str, Any]], seen: bool = True) -> dict[str, Any]:
-    """The report's `wasted`: by_reason.<reason>.attempts|bytes|seconds with top processes and
-    PMDs. `seen` is False when nothing saw PMDs (no function probes, no pagemap samples):
-    then the report says so instead of printing zeros."""
-    if not seen:
-        return {"available": False, "why": "no function probes and no pagemap samples in this "
-                "capture, so no PMD records to judge (khmon doctor: kfunc/kprobe)",
-                "by_reason": {}}
-    r = {name: _Reason() for name in REASONS}
-    for pmd in pmds:
-        _attempt_costs(pmd, r)
-        _futile(pmd, r["futile_rescan"])
-        _cascade(pmd, r["order_cascade"])
-        _bloat_and_creep(pmd, r["bloat"], r["creep"])
-    return {"available": True, "by_reason": {name: reason.as_dict() for name, reason in r.items()}}
+def unavailable() -> dict[str, Any]:
+    return {"available": False, "why": "no function probes and no pagemap samples in this "
+            "capture, so no PMD records to judge (khmon doctor: kfunc/kprobe)",
+            "by_reason": {}}

@@ -1,12 +1,12 @@
-"""Text rendering of a report dict (report.Aggregator.result) for people. JSON is the
-same dict; this module only formats it."""
+"""Text rendering of a report dict (khmon.model.model.Model.report, or a snapshot's
+report) for people. JSON is the same dict; this module only formats it."""
 
 from __future__ import annotations
 
 import string
 from typing import Any
 
-from ..model.correlate import bitmap_bits
+from ..stream import bitmap
 
 
 def _table(headers: list[str], rows: list[list[Any]], indent: str = "  ") -> list[str]:
@@ -141,8 +141,8 @@ def render_grid(pmd: dict[str, Any]) -> list[str]:
     the PTE is present, lower case where it is not. The legend under the grid names each
     attempt: offset, order, isolate status, result, latency and how often it was tried.
     """
-    bits = bitmap_bits(bytes.fromhex(pmd["bitmap"])) if pmd["bitmap"] else None
-    known = (bitmap_bits(bytes.fromhex(pmd["bitmap_known"])) if pmd.get("bitmap_known")
+    bits = bitmap.bits_list(bitmap.from_hex(pmd["bitmap"])) if pmd["bitmap"] else None
+    known = (bitmap.bits_list(bitmap.from_hex(pmd["bitmap_known"])) if pmd.get("bitmap_known")
              else [bits is not None] * 512)
     cells = ["?" if not k else "#" if b else "." for b, k in zip(bits or [False] * 512, known,
                                                                   strict=True)]

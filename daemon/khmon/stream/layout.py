@@ -155,7 +155,23 @@ class EventLayout:
     def projection(self, names: tuple[str, ...] | None = None) -> struct.Struct:
         """A struct unpacking whole records into just the named fields, in record order,
         the rest skipped as padding (all fields when names is None). Unpacking fewer fields
-        is most of what makes replay fast."""
+        is most of what makes replay fast. Built once per set of names."""
+        cache = self.__dict__.setdefault("_projections", {})
+        got = cache.get(names)
+        if got is None:
+            got = cache[names] = self._projection(names)
+        return got
+
+    def record_order(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        """`names` in the order projection(names) yields them."""
+        cache = self.__dict__.setdefault("_orders", {})
+        got = cache.get(names)
+        if got is None:
+            want = set(names)
+            got = cache[names] = tuple(n for n, _off, _code in self.items if n in want)
+        return got
+
+    def _projection(self, names: tuple[str, ...] | None) -> struct.Struct:
         parts, pos = [], 0
         for name, off, code in self.items:
             if names is not None and name not in names:

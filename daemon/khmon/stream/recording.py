@@ -24,12 +24,12 @@ import os
 import struct
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import EXIT_BAD_INPUT, KhmonError
 from .layout import EventLayout, layouts_from_header
+from .parts import Part
 
 MAGIC = b"\x89KHMON\r\n\x1a\n"  # like PNG's: binary, and detects newline mangling
 VERSION = 1
@@ -37,17 +37,6 @@ FRAME = struct.Struct("<BII")
 EVENT_INDEX = struct.Struct("<H")
 HEADER, RECORDS, STATS, END, PAGES = b"H", b"R", b"S", b"E", b"P"
 KINDS = {HEADER[0], RECORDS[0], STATS[0], END[0], PAGES[0]}
-
-
-@dataclass
-class Part:
-    """One decoded frame: kind is 'H' (header), 'R' (records), 'S' (stats), 'E' (end) or
-    'P' (one PMD's PTEs read from pagemap, khmon.pagemap.PagemapSampler)."""
-
-    kind: str
-    meta: dict = field(default_factory=dict)  # H, S, E, P
-    event: int = -1  # R: event index
-    data: bytes = b""  # R: concatenated records
 
 
 class Writer:
