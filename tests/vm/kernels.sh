@@ -15,8 +15,9 @@
 #
 # Everything is unpacked under ${KHMON_CACHE:-/var/cache/khmon}/kernels/<release>/.
 # The modules are then hard-linked (or copied) to /usr/lib/modules/<release>/
-# because virtme-ng builds the guest's initramfs from the host's
-# /lib/modules/<release>, and build/source links there point bcc at the headers.
+# because the guest, booted on the host's root file system (run.sh), loads its
+# modules from there (and run.sh's initramfs takes its first few from there), and
+# build/source links there point bcc at the headers.
 #
 # Environment: KHMON_CACHE (cache root), KHMON_DEBIAN_MIRROR (override the
 # mirror URI taken from the host's apt sources, e.g. http://host/debian).
@@ -196,8 +197,8 @@ check_headers() {
     CDIR="$cdir"
 }
 
-# Put the modules where virtme-ng (and modprobe in the guest) look, index them,
-# and point build/source at the cached headers for bcc.
+# Put the modules where modprobe (run.sh's initramfs build, and the guest) looks,
+# index them, and point build/source at the cached headers for bcc.
 wire_modules() {
     local rel="$1" dest="$KDIR/$1" src="" dst="/usr/lib/modules/$1" stamp
     for src in "$dest/root/usr/lib/modules/$rel" "$dest/root/lib/modules/$rel"; do
@@ -219,11 +220,8 @@ wire_modules() {
     fi
     ln -sfn "$HDIR" "$dst/build"
     ln -sfn "$CDIR" "$dst/source"
-    # vng must boot /usr/lib/modules/<rel>/vmlinuz: only for a kernel image
-    # under the host's own /lib/modules does virtme-ng use the root fs's
-    # /lib/modules in the guest; for an image elsewhere (our cache) it links
-    # the guest's /lib/modules/<rel> to that tree, which the guest cannot see
-    # (virtme-ng mounts a tmpfs over /var/cache).
+    # The image lives next to its modules, where Debian's own packages put it,
+    # so `kernels.sh vmlinuz` has one answer: /usr/lib/modules/<rel>/vmlinuz.
     local img
     img=$(find_cached_vmlinuz "$rel")
     if ! cmp -s "$img" "$dst/vmlinuz"; then
