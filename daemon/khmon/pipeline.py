@@ -6,20 +6,29 @@ can never stall the drain. The worker publishes a snapshot (khmon.model.model.Sn
 every stats part; readers take the latest one, which is immutable. The model itself is
 touched by the worker alone until the stream has ended.
 
+Other threads that need the model itself (one PMD's full record, say) hand a function to
+call(): the worker runs it between two polls of the ring buffer, so it never sees the model
+half-way through a part.
+
 A recording is replayed on the calling thread: there is no ring buffer to keep up with.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any, TypeVar
 
 from .capture.bpfgen import ProbeConfig
 from .capture.live import LiveCapture
 from .model.model import Model, Snapshot
 from .stream.parts import END, STATS
 from .stream.recording import Reader, Writer
+
+T = TypeVar("T")
 
 
 class LivePipeline:
@@ -39,6 +48,7 @@ class LivePipeline:
         self.error: BaseException | None = None
         self.done = threading.Event()
         self._stop = threading.Event()
+        self._calls: queue.SimpleQueue[tuple[Callable[[Model], Any], Future]] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="khmon-pipeline", daemon=True)
 
     @property
@@ -53,9 +63,31 @@ class LivePipeline:
         """End the capture: the worker detaches, drains and writes the end part."""
         self._stop.set()
 
+    def call(self, fn: Callable[[Model], T], timeout: float = 5.0) -> T:
+        """fn(model) run on the worker between two polls (at most POLL_MS apart); its
+        result, or its exception. TimeoutError when the worker is busy or gone."""
+        if self.done.is_set():
+            raise TimeoutError("the capture has ended")
+        fut: Future = Future()
+        self._calls.put((fn, fut))
+        return fut.result(timeout)
+
+    def _between_polls(self) -> bool:
+        """Run what other threads asked for; then: should the capture stop?"""
+        while True:
+            try:
+                fn, fut = self._calls.get_nowait()
+            except queue.Empty:
+                return self._stop.is_set()
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(self.model))
+                except Exception as e:  # handed to the caller
+                    fut.set_exception(e)
+
     def _run(self) -> None:
         try:
-            for part, batch in self.cap.stream(self.header, self.duration, self._stop.is_set,
+            for part, batch in self.cap.stream(self.header, self.duration, self._between_polls,
                                                self.keep):
                 self.model.add(part, batch)
                 if self.writer is not None:
@@ -68,6 +100,7 @@ class LivePipeline:
             if self.writer is not None:
                 self.writer.close()
             self.done.set()
+            self._between_polls()  # nobody waits on the worker any more
 
     def wait(self, should_stop: Callable[[], bool] = lambda: False, tick: float = 0.2,
              on_tick: Callable[[LivePipeline], None] | None = None) -> Model:

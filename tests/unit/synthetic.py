@@ -89,13 +89,12 @@ class SyntheticStream:
 
     def parts(self) -> Iterator[Part]:
         procs = [self._spawn(0) for _ in range(self.n_procs)]
-        cursor = 0  # khugepaged's scan position over every live PMD
         for sec in range(self.seconds):
             t0 = START_NS + sec * SEC
             targets = [(p, a) for p in procs for a in p.pmds]
             step = max(1, len(targets) // self.scanned_per_s)
-            chosen = targets[cursor % step::step][:self.scanned_per_s]
-            cursor += 1
+            # khugepaged's scan moves on: a different share of the PMDs each second
+            chosen = targets[sec % step::step][:self.scanned_per_s]
             out: list[tuple[EventLayout, bytes]] = []  # in one thread's delivery order
             ts = t0
             for p, addr in chosen:

@@ -125,7 +125,7 @@ class Correlator:
 
     # --- records ---------------------------------------------------------------------------
 
-    def _pmd(self, mm: int, pid: int, comm: bytes, address: int, now_ns: int) -> PmdRecord:
+    def _pmd(self, mm: int, pid: int, comm: bytes | str, address: int, now_ns: int) -> PmdRecord:
         proc, forced = self.processes.get(mm, pid, comm, now_ns)
         for victim in forced:
             self.drop_process(victim, "process_cap")
@@ -211,8 +211,7 @@ class Correlator:
         """A pagemap sample: the PMD's PTEs, read from user space right after a scan event
         named a page in it (khmon.capture.pagemap_sampler)."""
         mm, ref = meta["mm"], meta["ref"]
-        p = self._pmd(mm, meta["pid"], meta.get("comm", "").encode(), meta["address"],
-                      meta.get("ts", 0))
+        p = self._pmd(mm, meta["pid"], meta.get("comm", ""), meta["address"], meta.get("ts", 0))
         self._page_pmd[(mm, ref)] = p.key
         self._page_pmd.move_to_end((mm, ref))
         if len(self._page_pmd) > 2 * self.cap:

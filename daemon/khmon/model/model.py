@@ -14,6 +14,7 @@ counted and reported under `model`.
 
 from __future__ import annotations
 
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from ..stream.parts import END, PAGES, RECORDS, STATS, Part
 from .correlate import DEFAULT_PMD_CAP, Correlator
 from .counts import UFFD_YES, Cell, EventCounts, ExactCounts
 from .processes import DEFAULT_CAP as DEFAULT_PROCESS_CAP
-from .processes import ProcessTable
+from .processes import DEFAULT_LABELS, ProcessTable
 from .records import Cost, ProcessRecord
 from .waste import Waste, folio_bytes, unavailable, wasted_folio
 
@@ -53,6 +54,7 @@ class Snapshot:
 
     seq: int
     mono_ns: int  # stream time: the latest stats part
+    wall: str | None  # its wall-clock time (ISO 8601)
     report: dict[str, Any]
     processes_total: int
     pmds_total: int
@@ -63,17 +65,18 @@ class Model:
 
     def __init__(self, header: dict, layouts: list[EventLayout] | None = None, *,
                  pmd_cap: int = DEFAULT_PMD_CAP, process_cap: int = DEFAULT_PROCESS_CAP,
-                 exit_grace_s: float | None = None) -> None:
+                 exit_grace_s: float | None = None, process_labels: int = DEFAULT_LABELS) -> None:
         """`layouts`: the ones the header describes, when the caller has them already.
         `exit_grace_s`: how long an exited process's records stay (None: until the caps
-        push them out, which is what a report of one window wants)."""
+        push them out, which is what a report of one window wants). `process_labels`: the
+        comms that get a row of their own in `by_comm` (the rest count as "other")."""
         self.header = header
         self.layouts = layouts if layouts is not None else layouts_from_header(header["events"])
         self.decoder = Decoder(self.layouts)
         self.events = [EventCounts(lay) for lay in self.layouts]
         self.exact = ExactCounts(self.layouts)
         self.processes = ProcessTable(process_cap, None if exit_grace_s is None
-                                      else int(exit_grace_s * 1e9))
+                                      else int(exit_grace_s * 1e9), process_labels)
         self.waste = Waste()
         self.now_ns: int = header["start_mono_ns"]
         # settings epochs: (first epoch number kept, [(mono_ns, knobs)])
@@ -88,6 +91,7 @@ class Model:
         self.last_stats: dict | None = None
         self.ended = False
         self.seq = 0
+        self.snapshot_ns = 0  # how long the latest snapshot took to build
 
     # --- feeding ---------------------------------------------------------------------------
 
@@ -169,15 +173,28 @@ class Model:
     def snapshot(self, top: int = TOP) -> Snapshot:
         """The report as of now, with its lists capped to the `top` most active processes
         and PMDs: O(what changed + top), never a walk over every PMD record."""
+        t0 = time.perf_counter_ns()
         self.seq += 1
         procs = sorted(self.processes.procs.values(), key=_activity, reverse=True)[:top]
         recent = []
+        infer_ok = self._infer_ok()
         for p in reversed(self.pmds.pmds.values()):  # most recently active last in the table
             if len(recent) >= top:
                 break
-            recent.append(self.pmds.record_json(p, self._infer_ok()))
-        return Snapshot(self.seq, self.now_ns, self._report(procs, recent, []),
+            recent.append(self.pmds.record_json(p, infer_ok))
+        report = self._report(procs, recent, [])
+        self.snapshot_ns = time.perf_counter_ns() - t0
+        report["model"]["snapshot_seconds"] = self.snapshot_ns / 1e9
+        return Snapshot(self.seq, self.now_ns, (self.last_stats or {}).get("wall"), report,
                         len(self.processes), len(self.pmds.pmds))
+
+    def pmd_json(self, pid: int, address: int) -> dict[str, Any] | None:
+        """One PMD's full record (any mm of that pid), or None if not held."""
+        for proc in self.processes.procs.values():
+            p = proc.pmds.get(address) if proc.pid == pid else None
+            if p is not None:
+                return self.pmds.record_json(p, self._infer_ok())
+        return None
 
     def report(self, warnings: list[str] | None = None) -> dict[str, Any]:
         """The whole report: every process and every PMD record still held."""
@@ -236,6 +253,9 @@ class Model:
             "by_event": {name: {"count": events[name], "by_status": _by_status(cs)}
                          for name, cs in cells.items()},
             "processes": [p.to_json() for p in procs],
+            "by_comm": {label: {**{k: v for k, v in row.items() if k != "waste"},
+                                "waste": {r: c.to_json() for r, c in row["waste"].items()}}
+                        for label, row in self.processes.by_comm().items()},
             "functions": self._functions(cells),
             "pmds": pmds,
             "wasted": (self.waste.to_json(self.processes.procs.values(), exact_waste)
@@ -248,6 +268,8 @@ class Model:
                       "pmds_evicted": dict(self.pmds.evicted),
                       "processes_tracked": len(self.processes),
                       "processes_forgotten": dict(self.processes.forgotten),
+                      "process_labels": self.processes.labels.budget,
+                      "process_label_overflow": self.processes.labels.overflow,
                       "dropped": dict(self.pmds.dropped),
                       "open_passes": len(self.pmds.open),
                       "decode_errors": self.decoder.errors},

@@ -60,6 +60,7 @@ class ProcessRecord:
     comm: str
     first_ns: int
     last_ns: int
+    label: str = ""  # the per-comm row it counts under (khmon.model.processes.CommLabels)
     scans: int = 0
     collapse_attempts: int = 0
     collapses: int = 0
