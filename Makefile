@@ -40,6 +40,7 @@ live: setup
 
 lint: setup
 	$(VENV)/bin/ruff check daemon tests bench
+	$(VENV)/bin/lint-imports --no-cache
 
 bench: setup
 	$(PY) bench/replay.py

@@ -134,9 +134,11 @@ class ExactCounts:
         self._lays = {lay.name: lay for lay in layouts}
         self.cells: dict[str, list[ExactCell]] = {}
         self.hist: dict[str, list[tuple[int | None, bool, int, int]]] = {}
+        self.present = False  # the stream carries exact counts (recordings before them do not)
 
     def update(self, meta: dict[str, Any]) -> None:
         """Take a stats part's `exact` and `hist` (absent in recordings before they existed)."""
+        self.present = self.present or "exact" in meta
         for name, rows in (meta.get("exact") or {}).items():
             lay = self._lays.get(name)
             if lay is None or not lay.fmt.status_field:

@@ -248,7 +248,7 @@ class Model:
             "events": events,
             "collapse": _collapse(self._exact_cells(COLLAPSE, cells.get(COLLAPSE, [])),
                                   self._exact_cells(COLLAPSE_FILE, cells.get(COLLAPSE_FILE, []))),
-            "exact_counts": bool(self.exact.cells),
+            "exact_counts": self.exact.present,
             "scan_pmd": {"by_status": _by_status(cells.get(SCAN_PMD, []))},
             "by_event": {name: {"count": events[name], "by_status": _by_status(cs)}
                          for name, cs in cells.items()},
@@ -280,7 +280,7 @@ class Model:
         """An event's (status, order) counts: per cell the larger of the records' count and
         the kernel's exact one (equal at the end of a stream, exact when records were lost)."""
         exact = self.exact.by_status_order(name)
-        if not exact:
+        if not self.exact.present:
             return cells
         mine: Counter[tuple[str | None, int | None]] = Counter()
         for c in cells:
@@ -291,9 +291,9 @@ class Model:
 
     def _exact_waste(self) -> dict[str, Cost] | None:
         """uffd_isolate and alloc_then_fail as the kernel counted them (fn_collapse)."""
-        cells = self.exact.cells.get(FN_COLLAPSE)
-        if cells is None:
+        if not self.exact.present:
             return None
+        cells = self.exact.cells.get(FN_COLLAPSE, [])
         out = {"uffd_isolate": Cost(), "alloc_then_fail": Cost()}
         for c in cells:
             if wasted_folio(c.status):
