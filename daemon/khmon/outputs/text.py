@@ -113,7 +113,7 @@ def _pmds(pmds: list[dict[str, Any]], grids: int) -> list[str]:
 def _wasted(w: dict[str, Any]) -> list[str]:
     if not w.get("available"):
         return ["", f"wasted work: not judged ({w['why']})"] if w else []
-    rows = [[name, c["attempts"], _bytes(c["bytes"]), f"{c['seconds'] * 1e3:.3f}",
+    rows = [[name, c["attempts"], human_bytes(c["bytes"]), f"{c['seconds'] * 1e3:.3f}",
              ", ".join(f"{p['pid'] or '-'} {p['comm']}" for p in c["top_processes"][:3])]
             for name, c in w["by_reason"].items() if c["attempts"] or c["bytes"]]
     if not rows:
@@ -122,7 +122,8 @@ def _wasted(w: dict[str, Any]) -> list[str]:
             *_table(["reason", "attempts", "bytes", "ms", "top processes"], rows)]
 
 
-def _bytes(n: float) -> str:
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
     if n < 1024:
         return f"{n:.0f} B"
     for unit in ("KiB", "MiB"):
@@ -132,14 +133,15 @@ def _bytes(n: float) -> str:
     return f"{n / 1024:.1f} GiB"
 
 
-def render_grid(pmd: dict[str, Any]) -> list[str]:
-    """A PMD's 512 PTEs as 8 rows of 64, with its attempted ranges marked.
+def grid_cells(pmd: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]], list[bool] | None]:
+    """A PMD's 512 PTE cells, the attempts they letter (A, B, ... in order) and which PTEs
+    are known (None: all of them, or none when there is no bitmap). The cell rules are
+    render_grid's; `khmon top` colours the same cells.
 
     `#` a present PTE, `.` an empty one, `?` one no source knows (no bitmap, or an
-    `inferred` one that does not pin it). A PTE inside an attempted range
-    shows that attempt's letter instead (the smallest range covering it): upper case where
-    the PTE is present, lower case where it is not. The legend under the grid names each
-    attempt: offset, order, isolate status, result, latency and how often it was tried.
+    `inferred` one that does not pin it). A PTE inside an attempted range shows that
+    attempt's letter instead (the smallest range covering it): upper case where the PTE is
+    present, lower case where it is not.
     """
     bits = bitmap.bits_list(bitmap.from_hex(pmd["bitmap"])) if pmd["bitmap"] else None
     known = (bitmap.bits_list(bitmap.from_hex(pmd["bitmap_known"])) if pmd.get("bitmap_known")
@@ -155,20 +157,40 @@ def render_grid(pmd: dict[str, Any]) -> list[str]:
                 span[i] = size
                 present = bits[i] if known[i] else True
                 cells[i] = letter if present else letter.lower()
-    head = (f"PMD {pmd['address']} pid {pmd['pid'] or '-'} {pmd['comm']}: "
+    return cells, attempts, known if pmd.get("bitmap_known") else None
+
+
+def render_grid(pmd: dict[str, Any]) -> list[str]:
+    """A PMD's 512 PTEs as 8 rows of 64, with its attempted ranges marked (grid_cells).
+    The legend under the grid names each attempt: offset, order, isolate status, result,
+    latency and how often it was tried."""
+    cells, attempts, known = grid_cells(pmd)
+    out = [grid_head(pmd, known), "      " + GRID_RULER]
+    out += [f"  {row * 64:3d} " + "".join(cells[row * 64:(row + 1) * 64]) for row in range(8)]
+    out += ["  " + attempt_legend(letter, a)
+            for letter, a in zip(string.ascii_uppercase, attempts, strict=False)]
+    return out
+
+
+GRID_RULER = "".join(str(c // 8) if c % 8 == 0 else " " for c in range(64))
+
+
+def grid_head(pmd: dict[str, Any], known: list[bool] | None) -> str:
+    """The line over a PMD's grid: where it is, whose, its scans, verdict and bitmap."""
+    return (f"PMD {pmd['address']} pid {pmd['pid'] or '-'} {pmd['comm']}: "
             f"{pmd['scans']} scans, verdict {pmd['verdict'] or '-'}, bitmap "
             f"{pmd['bitmap_source'] or 'unknown'}"
             + (f", {pmd['present']} present" if pmd["present"] is not None else "")
-            + (f", {known.count(False)} unknown" if pmd.get("bitmap_known") else "")
+            + (f", {known.count(False)} unknown" if known is not None else "")
             + (", userfaultfd-armed" if pmd["uffd"] else ""))
-    out = [head, "      " + "".join(str(c // 8) if c % 8 == 0 else " " for c in range(64))]
-    out += [f"  {row * 64:3d} " + "".join(cells[row * 64:(row + 1) * 64]) for row in range(8)]
-    for letter, a in zip(string.ascii_uppercase, attempts, strict=False):
-        out.append(f"  {letter}: offset {a['offset']} order {a['order']} "
-                   f"({1 << a['order']} PTEs): {a['status']}"
-                   + (f" (isolate: {a['isolate_status']})" if a["isolate_status"] else "")
-                   + f", {a['latency_ns'] / 1e3:.1f} us mean, {a['count']}x")
-    return out
+
+
+def attempt_legend(letter: str, a: dict[str, Any]) -> str:
+    """One attempt of a grid's legend: 'A: offset 0 order 9 (512 PTEs): ...'."""
+    return (f"{letter}: offset {a['offset']} order {a['order']} "
+            f"({1 << a['order']} PTEs): {a['status']}"
+            + (f" (isolate: {a['isolate_status']})" if a["isolate_status"] else "")
+            + f", {a['latency_ns'] / 1e3:.1f} us mean, {a['count']}x")
 
 
 def render_simulation(r: dict[str, Any]) -> str:
@@ -194,7 +216,7 @@ def render_simulation(r: dict[str, Any]) -> str:
                               [[o, p["attempts_by_order"].get(o, 0),
                                 p["collapses_by_order"].get(o, 0)] for o in order_keys])]
         lines += ["", f"attempts: predicted {p['attempts']}; bloat: predicted "
-                  f"{_bytes(p['bloat_bytes'])}"]
+                  f"{human_bytes(p['bloat_bytes'])}"]
         return "\n".join(lines)
     lines += ["", *_table(["order", "kernel attempts", "predicted", "kernel collapses",
                            "predicted"],
@@ -202,7 +224,7 @@ def render_simulation(r: dict[str, Any]) -> str:
                             k["collapses_by_order"].get(o, 0), p["collapses_by_order"].get(o, 0)]
                            for o in order_keys])]
     lines += ["", f"attempts: kernel {k['attempts']}, predicted {p['attempts']}; bloat: kernel "
-              f"{_bytes(k['bloat_bytes'])}, predicted {_bytes(p['bloat_bytes'])}",
+              f"{human_bytes(k['bloat_bytes'])}, predicted {human_bytes(p['bloat_bytes'])}",
               f"passes whose attempt sequence the model reproduced: {r['matched']} of "
               f"{r['passes']}"
               + (f"; cut short by the kernel where the model cannot follow: {r['cut_short']}"
