@@ -249,6 +249,8 @@ class Model:
             "collapse": _collapse(self._exact_cells(COLLAPSE, cells.get(COLLAPSE, [])),
                                   self._exact_cells(COLLAPSE_FILE, cells.get(COLLAPSE_FILE, []))),
             "exact_counts": self.exact.present,
+            # updates of the exact counts the kernel map refused (full): those counts fall short
+            "exact_map_full": int((end.get("probe") or {}).get("exact_full") or 0),
             "scan_pmd": {"by_status": _by_status(cells.get(SCAN_PMD, []))},
             "by_event": {name: {"count": events[name], "by_status": _by_status(cs)}
                          for name, cs in cells.items()},
@@ -318,14 +320,19 @@ class Model:
             uffd: Counter[str] = Counter()
             for order, status, n, ns, mx, armed in rows:
                 o = by_order.setdefault(str(order if order is not None else "pmd"),
-                                        {"calls": 0, "succeeded": 0, "seconds": 0.0, "max_ns": 0})
+                                        {"calls": 0, "succeeded": 0, "seconds": 0.0, "max_ns": 0,
+                                         "succeeded_seconds": 0.0, "by_result": Counter()})
                 o["calls"] += n
                 o["succeeded"] += n if status == SUCCEEDED else 0
                 o["seconds"] += ns / 1e9
+                o["succeeded_seconds"] += ns / 1e9 if status == SUCCEEDED else 0.0
+                o["by_result"][status] += n
                 o["max_ns"] = max(o["max_ns"], mx)
                 results[status] += n
                 if armed is not None:
                     uffd[{0: "no", 1: "yes"}.get(armed, "unknown")] += n
+            for o in by_order.values():  # per order and result: what the exporter labels
+                o["by_result"] = dict(o["by_result"].most_common())
             out["collapse_huge_page"] = {
                 "calls": sum(results.values()),
                 "by_result": dict(results.most_common()),
