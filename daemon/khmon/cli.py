@@ -19,6 +19,8 @@ import typer
 
 from . import __version__
 from .capture.bpfgen import ProbeConfig
+from .daemon import DEFAULT_SOCKET
+from .daemon import command as daemon_command
 from .errors import EXIT_BAD_INPUT, EXIT_FAIL, KhmonError
 from .model.model import Model
 from .outputs.text import render_report, render_simulation
@@ -192,6 +194,10 @@ def report(
         "Draw this many PMDs (most collapse attempts first) as 8x64 grids of their PTEs, "
         "attempted ranges marked."))] = 0,
     ebpf: EbpfOpt = False,
+    from_daemon: Annotated[bool, typer.Option("--daemon", help="Ask the running `khmon daemon` "
+                                              "for its report so far (its socket API).")] = False,
+    socket: Annotated[Path, typer.Option("--socket", help="The daemon's socket (with "
+                                         "--daemon).")] = DEFAULT_SOCKET,
 ) -> None:
     """Summarise khugepaged activity: counts per event, status, order and process, next to
     the kernel's own counters over the same window (/proc/vmstat thp counters,
@@ -199,12 +205,16 @@ def report(
     lost event. Where the kernel allows function probes, also one record per PMD: its
     present-PTE bitmap, verdict and collapse attempts (--json pmds[], --grid N).
 
-    Give a recording, or --live --duration S to capture now.
+    Give a recording, or --live --duration S to capture now, or --daemon.
     """
     def body() -> None:
-        if live == (recording is not None):
-            raise KhmonError("give either a recording or --live", "khmon report FILE, or "
-                             "khmon report --live --duration 10", EXIT_BAD_INPUT)
+        if from_daemon and not live and recording is None:
+            from .service.client import daemon_report
+            return _emit(daemon_report(socket), as_json, grid)
+        if live == (recording is not None) or from_daemon:
+            raise KhmonError("give one of a recording, --live or --daemon", "khmon report FILE, "
+                             "khmon report --live --duration 10, or khmon report --daemon",
+                             EXIT_BAD_INPUT)
         if recording is not None:
             reader = Reader(recording)
             model = replay(reader)
@@ -340,6 +350,9 @@ def demo(
         typer.echo("\n" + _demo_story(r, work.results(), pmds))
 
     _guard(body)
+
+
+app.command("daemon")(daemon_command)  # its options and body live in khmon.daemon
 
 
 def _demo_story(r: dict, runs: list[dict], pmds: int) -> str:

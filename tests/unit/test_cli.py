@@ -145,7 +145,7 @@ def test_missing_file_exits_2(tmp_path: Path) -> None:
 def test_report_needs_file_or_live() -> None:
     p = khmon("report")
     assert p.returncode == 2
-    assert "give either a recording or --live" in _one_error_line(p)
+    assert "give one of a recording, --live or --daemon" in _one_error_line(p)
 
 
 def test_report_file_and_live_exits_2(recording: Path) -> None:

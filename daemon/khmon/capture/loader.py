@@ -38,6 +38,15 @@ def nr_cpu_ids() -> int:
     return max(get_possible_cpus()) + 1
 
 
+def bcc_version() -> str:
+    """The loaded bcc's version (the exporter's khmon_build_info says what produced it)."""
+    try:
+        from bcc.version import __version__
+    except ImportError:
+        return "unknown"
+    return str(__version__)
+
+
 def _import_bcc():
     try:
         from bcc import BPF
