@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 fast=0
 [ "${1:-}" = "--fast" ] && fast=1
 
-stages=("lint:.venv/bin/ruff check daemon tests bench && .venv/bin/lint-imports --no-cache"
+stages=("lint:.venv/bin/ruff check daemon tests bench dashboards && .venv/bin/lint-imports --no-cache"
         "unit:.venv/bin/python -m pytest -v tests/unit"
         "service:.venv/bin/python -m pytest -v tests/service"
         "live-host:.venv/bin/python -m pytest -v tests/live")

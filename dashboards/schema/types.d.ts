@@ -1,5 +1,5 @@
 // The type a dashboard JSON file is checked against (by check.mjs).
-import type { Dashboard, VariableModel } from '@grafana/schema';
+import type { AnnotationQuery, Dashboard, DataQuery, VariableModel } from '@grafana/schema';
 
 /**
  * T as a JSON document spells it. TypeScript refuses the string "absolute" where Grafana declares
@@ -31,7 +31,28 @@ interface SdkVariableKeys {
   auto_count?: number;
 }
 
+/**
+ * A Prometheus annotation query as Grafana 11's Prometheus data source saves and reads it: the
+ * PromQL in `target` (as in a panel target) and, at the top level, how its hits become events.
+ * @grafana/schema's AnnotationQuery types `target` as the bare DataQuery (refId, hide, ...) and
+ * declares none of the top-level keys (13.2.3 and 11.6.16 alike; its own comment says "this should
+ * just be a normal query target"), so no Prometheus annotation could pass without these. Panel
+ * targets are loose in the schema itself (Record<string, unknown>); here only the keys of Grafana's
+ * PromQuery and annotation editor are added, with their types, so a misspelt one is still an error.
+ */
+interface PrometheusAnnotationKeys {
+  target?: DataQuery & { expr?: string; interval?: string; legendFormat?: string };
+  step?: string;
+  titleFormat?: string;
+  textFormat?: string;
+  tagKeys?: string;
+  useValueForTime?: boolean;
+}
+
 /** Grafana's classic dashboard JSON model (the one with schemaVersion, panels and templating). */
 export type DashboardJson = Json<
-  Omit<Dashboard, 'templating'> & { templating?: { list?: Array<VariableModel & SdkVariableKeys> } }
+  Omit<Dashboard, 'templating' | 'annotations'> & {
+    templating?: { list?: Array<VariableModel & SdkVariableKeys> };
+    annotations?: { list?: Array<Omit<AnnotationQuery, 'target'> & PrometheusAnnotationKeys> };
+  }
 >;
