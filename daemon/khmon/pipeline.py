@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from .capture.bpfgen import ProbeConfig
 from .capture.live import LiveCapture
-from .model.model import Model, Snapshot
+from .model.model import Model, Snapshot, settle
 from .stream.parts import END, STATS
 from .stream.recording import Reader, Writer
 
@@ -94,6 +94,7 @@ class LivePipeline:
                     self.writer.add(part)
                 if part.kind in (STATS, END):
                     self.snapshot = self.model.snapshot()
+                    settle()
         except BaseException as e:  # handed to the main thread by wait()
             self.error = e
         finally:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from khdata import START_NS, by_name, func_layouts_72, stream_header
 
@@ -91,10 +92,12 @@ class SyntheticStream:
         procs = [self._spawn(0) for _ in range(self.n_procs)]
         for sec in range(self.seconds):
             t0 = START_NS + sec * SEC
-            targets = [(p, a) for p in procs for a in p.pmds]
+            targets = [(p, a) for p in procs for a in p.pmds if a not in p.uffd]
             step = max(1, len(targets) // self.scanned_per_s)
-            # khugepaged's scan moves on: a different share of the PMDs each second
-            chosen = targets[sec % step::step][:self.scanned_per_s]
+            # khugepaged's scan moves on: a different share of the PMDs each second; the
+            # uffd-armed ones it never gets to collapse come back every second (futile rescans)
+            chosen = [(p, a) for p in procs for a in p.uffd]
+            chosen += targets[sec % step::step][:max(0, self.scanned_per_s - len(chosen))]
             out: list[tuple[EventLayout, bytes]] = []  # in one thread's delivery order
             ts = t0
             for p, addr in chosen:
@@ -163,3 +166,35 @@ def _runs(recs: list[tuple[EventLayout, bytes]]) -> Iterator[Part]:
         run.append(rec)
     if run:
         yield Part("R", event=lay.index, data=b"".join(run))
+
+
+# Sections of a report whose every number is a running total (the monotonicity checks).
+MONOTONIC = ("events", "collapse", "scan_pmd", "by_event", "accounting", "wasted", "by_comm",
+             "functions", "lost_events")
+MODEL_TOTALS = ("pmds_evicted", "processes_forgotten", "dropped", "process_label_overflow",
+                "decode_errors")
+
+
+def _leaves(x: Any, path: str = "") -> Iterator[tuple[str, float]]:
+    if isinstance(x, dict):
+        for k, v in x.items():
+            yield from _leaves(v, f"{path}.{k}")
+    elif isinstance(x, (int, float)) and not isinstance(x, bool):
+        yield path, x
+
+
+def totals(report: dict) -> dict[str, float]:
+    """Every running total of a report, by path (top lists are rankings and `unaccounted` a
+    difference: neither is a total)."""
+    out = {}
+    for section in MONOTONIC:
+        out.update(_leaves(report[section], section))
+    for key in MODEL_TOTALS:
+        out.update(_leaves(report["model"][key], f"model.{key}"))
+    return {k: v for k, v in out.items() if ".top_" not in k and not k.endswith(".unaccounted")}
+
+
+def went_down(before: dict[str, float], now: dict[str, float]) -> list[str]:
+    """The totals of `before` that are missing from `now` or smaller there."""
+    return [f"{k}: {v} -> {now.get(k)}" for k, v in before.items()
+            if k not in now or now[k] < v]

@@ -269,6 +269,8 @@ class Correlator:
         order = rec.order if self._col_order else PMD_ORDER
         result = self.collapse.fmt.symbol("result", rec.result)
         key = (offset, order, isolated[-1][1] if isolated else None, result)
+        if p.attempts is None:
+            p.attempts = {}
         a = p.attempts.get(key)
         if a is None and len(p.attempts) < MAX_ATTEMPT_ROWS:
             a = p.attempts[key] = AttemptStats()
@@ -311,6 +313,8 @@ class Correlator:
         if p.open_pass is op:
             p.open_pass = None
         key = op.key
+        if p.passes is None:
+            p.passes = {}
         kept = p.passes.get(key)
         repeated = kept is not None
         if kept is None and len(p.passes) < MAX_PASSES:
@@ -352,7 +356,7 @@ class Correlator:
     def _inferred(self, p: PmdRecord) -> tuple[int, int] | None:
         """What the PMD's closed passes pin of its bitmap (khmon.model.infer), each under the
         settings in force when it was made; None when they pin nothing."""
-        unread = [(steps, epoch) for bits, steps, epoch in p.passes if bits is None]
+        unread = [(steps, epoch) for bits, steps, epoch in p.passes or () if bits is None]
         if not unread:
             return None
         hugepage_mask = self.flag_bits.get("hugepage")

@@ -70,6 +70,13 @@ class ProcessRecord:
     pmds: dict[int, PmdRecord] = field(default_factory=dict)  # by PMD address
     waste: dict[str, Cost] = field(default_factory=dict)
 
+    def cost(self, reason: str) -> Cost:
+        """Its running cost under `reason` (created at the first charge)."""
+        got = self.waste.get(reason)
+        if got is None:
+            got = self.waste[reason] = Cost()
+        return got
+
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"pid": self.pid or None,
                                "comm": self.comm if self.pid else "(owner unknown)",
@@ -133,7 +140,11 @@ class OpenPass:
 
 @dataclass(slots=True, eq=False)
 class PmdRecord:
-    """What khugepaged saw at one PMD of one process and what it tried there."""
+    """What khugepaged saw at one PMD of one process and what it tried there.
+
+    Most PMDs are only ever scanned, so the containers only attempts, passes, bitmaps and
+    waste need are made on first use (None until then): a record of a scanned PMD is half
+    the size, and half the objects the cyclic collector would walk."""
 
     process: ProcessRecord
     address: int
@@ -143,32 +154,39 @@ class PmdRecord:
     verdicts: Counter[str] = field(default_factory=Counter)
     bitmap: int | None = None
     bitmap_source: str | None = None
-    bitmaps: list[int] = field(default_factory=list)  # distinct ones, at most MAX_BITMAPS
+    bitmaps: list[int] | None = None  # distinct ones, at most MAX_BITMAPS
     ptes: dict[str, int | None] | None = None  # none/swap/zero(/shared) where the source tells
-    attempts: dict[tuple[int, int, str | None, str], AttemptStats] = field(default_factory=dict)
+    attempts: dict[tuple[int, int, str | None, str], AttemptStats] | None = None
     attempts_dropped: int = 0
-    passes: dict[PassKey, PassStats] = field(default_factory=dict)
+    passes: dict[PassKey, PassStats] | None = None
     passes_dropped: int = 0
     open_pass: OpenPass | None = None
     last_state: tuple[int, str] | None = None  # (bitmap, failing verdict) of the last scan
-    filled: list[tuple[int, int, int]] = field(default_factory=list)  # successful collapses
+    filled: list[tuple[int, int, int]] | None = None  # successful collapses (for creep)
     detail_lost: int = 0  # its function-probe records the ring buffer refused
-    waste: dict[str, Cost] = field(default_factory=dict)
+    waste: dict[str, Cost] | None = None
+
+    def cost(self, reason: str) -> Cost:
+        """Its running cost under `reason` (created at the first charge)."""
+        if self.waste is None:
+            self.waste = {}
+        got = self.waste.get(reason)
+        if got is None:
+            got = self.waste[reason] = Cost()
+        return got
 
     @property
     def key(self) -> tuple[int, int, int]:
         return (self.process.mm, self.process.pid, self.address)
-
-    @property
-    def n_attempts(self) -> int:
-        return sum(a.count for a in self.attempts.values())
 
     def set_bitmap(self, bits: int, source: str) -> None:
         """Take a bitmap from `source` unless a better source already gave one."""
         if self.bitmap_source is not None and SOURCES.index(self.bitmap_source) < SOURCES.index(source):
             return
         self.bitmap, self.bitmap_source = bits, source
-        if bits not in self.bitmaps and len(self.bitmaps) < MAX_BITMAPS:
+        if self.bitmaps is None:
+            self.bitmaps = [bits]
+        elif bits not in self.bitmaps and len(self.bitmaps) < MAX_BITMAPS:
             self.bitmaps.append(bits)
 
     def to_json(self, flag_bits: dict[str, int], inferred: tuple[int, int] | None = None
@@ -183,7 +201,7 @@ class PmdRecord:
         if bits is None and inferred is not None:
             bits, source, known = inferred[0], "inferred", inferred[1]
         passes = [_pass_json(bm, steps, epoch, ps.count, ps.latency_sums)
-                  for (bm, steps, epoch), ps in self.passes.items()]
+                  for (bm, steps, epoch), ps in (self.passes or {}).items()]
         op = self.open_pass
         if op is not None:
             passes.append({**_pass_json(op.bitmap, tuple(op.steps), op.settings_epoch, 1,
@@ -204,12 +222,12 @@ class PmdRecord:
             "bitmap_source": source,
             "bitmap_known": bitmap.to_hex(known) if known is not None else None,
             "present": bitmap.count(bits) if bits is not None else None,
-            "bitmaps_seen": len(self.bitmaps),
+            "bitmaps_seen": len(self.bitmaps or ()),
             "ptes": dict(self.ptes) if self.ptes is not None else None,
             "attempts": [{"offset": off, "order": order, "isolate_status": iso, "status": st,
                           "count": a.count, "latency_ns": a.latency_sum // a.count,
                           "latency_ns_max": a.latency_max}
-                         for (off, order, iso, st), a in self.attempts.items()],
+                         for (off, order, iso, st), a in (self.attempts or {}).items()],
             "attempts_dropped": self.attempts_dropped,
             "passes": passes,
             "passes_dropped": self.passes_dropped,

@@ -85,8 +85,9 @@ class Waste:
         if not (attempts or nbytes or ns):
             return
         self.totals[reason].add(attempts, nbytes, ns)
-        for owner in (pmd, pmd.process):
-            owner.waste.setdefault(reason, Cost()).add(attempts, nbytes, ns)
+        pmd.process.cost(reason).add(attempts, nbytes, ns)
+        mine = pmd.cost(reason)
+        mine.add(attempts, nbytes, ns)
         top = self._top[reason]
         key = pmd.key
         if key in top or len(top) < _CANDIDATES:
@@ -94,7 +95,7 @@ class Waste:
             return
         # Costs only grow, so the smallest candidate cost seen last is a lower bound of the
         # smallest now: a PMD not above it cannot enter, and costs no scan of the list.
-        rank = _rank(pmd.waste[reason])
+        rank = _rank(mine)
         if rank <= self._floor[reason]:
             return
         low_key, low = min(top.items(), key=lambda kv: _rank(kv[1].waste[reason]))
@@ -151,10 +152,12 @@ class Waste:
                      if op.bitmap is not None else None)
             if empty:
                 self.charge("bloat", pmd, 1, empty * PAGE, 0)
-            if any(offset <= s and e <= end and o < order for s, e, o in pmd.filled):
+            filled = pmd.filled if pmd.filled is not None else []
+            if any(offset <= s and e <= end and o < order for s, e, o in filled):
                 self.charge("creep", pmd, 1, (empty or 0) * PAGE, ns)
-            if len(pmd.filled) < MAX_FILLED:
-                pmd.filled.append((offset, end, order))
+            if len(filled) < MAX_FILLED:
+                filled.append((offset, end, order))
+                pmd.filled = filled
 
     # --- reading --------------------------------------------------------------------------
 
