@@ -12,7 +12,8 @@ daemon's pipeline does.
 
 How to read the output: one line per tenth of the stream, then a last line
 
-    soak: events=N events_per_s=X rss_mb_10=A rss_mb_50=B rss_mb_100=C snapshot_ms_p99=S pmds_tracked_max=P evicted=E monotonic=yes|no
+    soak: events=N events_per_s=X rss_mb_10=A rss_mb_50=B rss_mb_100=C snapshot_ms_p99=S
+          pmds_tracked_max=P evicted=E monotonic=yes|no     (one line; folded here)
 
 events are kernel events (a record counting 20 repeats is 20), events_per_s is events over
 the time spent in the decoder and model (generating the stream is not counted; it runs
