@@ -1,7 +1,7 @@
 # khmon: the two commands a new user needs, on a fresh Debian machine, as root:
 #   make demo   set up, then watch khmon explain real khugepaged work on this kernel
 #   make test   set up, then run the whole test suite (unit + live BPF tests)
-.PHONY: setup demo test test-fast unit live lint bench vm clean
+.PHONY: setup demo test test-fast unit live lint bench vm dashboards install-service clean
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -39,12 +39,25 @@ live: setup
 	$(PY) -m pytest -v tests/live
 
 lint: setup
-	$(VENV)/bin/ruff check daemon tests bench
+	$(VENV)/bin/ruff check daemon tests bench dashboards
 	$(VENV)/bin/lint-imports --no-cache
 
 bench: setup
 	$(PY) bench/replay.py
+	$(PY) bench/soak.py
 	$(PY) bench/overhead.py --pin auto
+
+# Regenerate the Grafana dashboards, alert rules and provisioning files under dashboards/ from
+# their generator (dashboards/*.py, grafana-foundation-sdk); the service tests fail until the
+# regenerated files are committed.
+dashboards: setup
+	$(PY) -m dashboards.generate
+
+# The systemd service for this checkout: /etc/systemd/system/khmon.service (ExecStart in
+# this checkout's venv) and its options in /etc/default/khmon; systemd reloaded where it
+# runs. Then: systemctl enable --now khmon
+install-service:
+	scripts/install-service.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
