@@ -285,9 +285,9 @@ def _dedup_tail(lay: EventLayout, words: list[str], record_ready: bool = False) 
     ]
     return [
         *(["    u64 *w = (u64 *)&k;"] if not record_ready else []),
-        # Two lanes, alternate words: half the chain of dependent multiplies (2.5 ns an
-        # event, A/B at full scan speed). Each step is a bijection, so keys that differ in
-        # one word never collide; the lanes meet rotated, then the finaliser mixes them.
+        # Two lanes, alternate words: half the chain of dependent multiplies
+        # (docs/benchmarks.md). Each step is a bijection, so keys that differ in one word
+        # never collide; the lanes meet rotated, then the finaliser mixes them.
         "    u64 h0 = 0x9e3779b97f4a7c15ULL, h1 = 0xc2b2ae3d27d4eb4fULL;",
         *(f"    h{i % 2} = khmon_mix(h{i % 2}, {w});" for i, w in enumerate(words)),
         "    u64 h = khmon_fmix(h0 ^ ((h1 << 32) | (h1 >> 32)));",

@@ -38,8 +38,8 @@ def trampoline_would_block(khugepaged: Path = KHUGEPAGED) -> str | None:
     The BPF trampoline is patched only after an RCU-tasks grace period, which ends when
     every task has slept once (a voluntary switch; a preemption does not count). With
     scan_sleep_millisecs 0, khugepaged never sleeps while it has mm's to scan (it only
-    calls cond_resched()), so the attach waits, unkillable, for as long as that lasts: seen
-    for over 15 minutes in the 6.1 guest. Kprobes do not wait for it."""
+    calls cond_resched()), so the attach waits, unkillable, for as long as that lasts
+    (docs/kernels.md). Kprobes do not wait for it."""
     try:
         sleep_ms = (khugepaged / "scan_sleep_millisecs").read_text().strip()
     except OSError:

@@ -366,14 +366,14 @@ def settle() -> None:
     reach. The process that owns the model calls this after each snapshot (khmon.pipeline).
 
     The model's records live long (a PMD record for as long as it is active), and CPython's
-    automatic full collections walk every live container: with 100,000 PMD records they took
-    100-400 ms each, several times a second, in the soak benchmark, stalling the thread that
-    drains the ring buffer. So the owner takes the collector over: automatic collection off
+    automatic full collections walk every live container: with a full PMD table they take a
+    tenth of a second and more, several times a second (docs/benchmarks.md, the soak),
+    stalling the thread that drains the ring buffer. So the owner takes the collector over: automatic collection off
     (from the first call), then once a second a young-generation collection (it walks only
     what was made since the last call) and gc.freeze(), which moves the survivors to the
     permanent generation. Model records make no garbage cycles (an eviction unlinks a record
     from its process, its open pass and the top lists), so reference counting frees them;
-    the soak benchmark checks that memory stays flat."""
+    the soak benchmark shows memory staying flat."""
     gc.disable()
     gc.collect(1)
     gc.freeze()
