@@ -35,14 +35,15 @@ class LivePipeline:
     """A live capture running into a model (and a recording) on a worker thread."""
 
     def __init__(self, cap: LiveCapture, duration: float | None = None, out: Path | None = None,
-                 keep: bool = False, **model_options: object) -> None:
+                 keep: bool = False, **model_options: Any) -> None:
         """`keep`: leave the compiled programs loaded afterwards (cap.reopen() starts
-        another window). `model_options`: khmon.model.model.Model's caps."""
+        another window). `model_options`: khmon.model.model.Model's keyword options (its
+        caps, exit grace and label budget)."""
         self.cap = cap
         self.duration = duration
         self.keep = keep
         self.header = cap.header()
-        self.model = Model(self.header, cap.layouts, **model_options)  # type: ignore[arg-type]
+        self.model = Model(self.header, cap.layouts, **model_options)
         self.writer = Writer(out, self.header) if out is not None else None
         self.snapshot: Snapshot | None = None
         self.error: BaseException | None = None
@@ -120,7 +121,7 @@ class LivePipeline:
 
 def capture(cfg: ProbeConfig, duration: float | None, out: Path | None = None,
             should_stop: Callable[[], bool] = lambda: False,
-            reuse: LiveCapture | None = None, **model_options: object) -> tuple[Model, list[str]]:
+            reuse: LiveCapture | None = None, **model_options: Any) -> tuple[Model, list[str]]:
     """A live capture into a model (and a recording when `out` is given), start to end.
     `reuse`: an already compiled LiveCapture (cfg is then ignored) that stays loaded after.
     Returns the model and the warnings (probes that could not attach)."""
@@ -131,9 +132,9 @@ def capture(cfg: ProbeConfig, duration: float | None, out: Path | None = None,
     return run.wait(should_stop), run.warnings
 
 
-def replay(reader: Reader, **model_options: object) -> Model:
+def replay(reader: Reader, **model_options: Any) -> Model:
     """Feed a recording's parts into a model."""
-    model = Model(reader.header, reader.layouts, **model_options)  # type: ignore[arg-type]
+    model = Model(reader.header, reader.layouts, **model_options)
     for part in reader.parts():
         model.add(part)
     return model

@@ -327,10 +327,6 @@ class LiveProbes:
         self.bpf.ring_buffer_consume()
         return self._take() + list(self._empty_slots().items())
 
-    def polled_records(self) -> int:
-        """Records waiting in user space (taken from the ring buffer, not yet handed on)."""
-        return len(self._pending)
-
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.bpf.cleanup()

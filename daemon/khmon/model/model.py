@@ -368,10 +368,10 @@ def settle() -> None:
     The model's records live long (a PMD record for as long as it is active), and CPython's
     automatic full collections walk every live container: with a full PMD table they take a
     tenth of a second and more, several times a second (docs/benchmarks.md, the soak),
-    stalling the thread that drains the ring buffer. So the owner takes the collector over: automatic collection off
-    (from the first call), then once a second a young-generation collection (it walks only
-    what was made since the last call) and gc.freeze(), which moves the survivors to the
-    permanent generation. Model records make no garbage cycles (an eviction unlinks a record
+    stalling the thread that drains the ring buffer. So the owner takes the collector over:
+    automatic collection off (from the first call), then once a second a young-generation
+    collection (it walks only what was made since the last call) and gc.freeze(), which
+    moves the survivors to the permanent generation. Model records make no garbage cycles (an eviction unlinks a record
     from its process, its open pass and the top lists), so reference counting frees them;
     the soak benchmark shows memory staying flat."""
     gc.disable()

@@ -18,7 +18,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..geometry import PMD_ORDER
 from ..stream import bitmap
 from .infer import Step
 
@@ -243,7 +242,3 @@ def _pass_json(bits: int | None, steps: tuple[Step, ...], epoch: int, count: int
                           "latency_ns": ns // count}
                          for (off, order, st, swapped), ns in zip(steps, latency_sums, strict=True)]}
 
-
-def default_order(order: int | None) -> int:
-    """An attempt's order: the record's, or PMD order before the mTHP series (no field)."""
-    return PMD_ORDER if order is None else order
