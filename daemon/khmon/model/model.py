@@ -371,9 +371,9 @@ def settle() -> None:
     stalling the thread that drains the ring buffer. So the owner takes the collector over:
     automatic collection off (from the first call), then once a second a young-generation
     collection (it walks only what was made since the last call) and gc.freeze(), which
-    moves the survivors to the permanent generation. Model records make no garbage cycles (an eviction unlinks a record
-    from its process, its open pass and the top lists), so reference counting frees them;
-    the soak benchmark shows memory staying flat."""
+    moves the survivors to the permanent generation. Model records make no garbage cycles
+    (an eviction unlinks a record from its process, its open pass and the top lists), so
+    reference counting frees them; the soak benchmark shows memory staying flat."""
     gc.disable()
     gc.collect(1)
     gc.freeze()
