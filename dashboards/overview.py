@@ -78,13 +78,26 @@ def health() -> Row:
                           "{{tracepoint}} {{reason}}"),), w=8, min=0),
         Panel("timeseries", "Probe hits against events + lost", (
             "Per tracepoint, the times the probe fired beside the events that reached user space "
-            "plus the events lost. The two lines lie on top of each other when khmon accounts for "
-            "every hit; a gap that stays open is a khmon bug."),
+            "plus the events lost. The in-kernel dedup holds a scanned PMD's repeats until it is "
+            "flushed (khmon_events_pending, beside), so the second line lags the first by at most "
+            "those; a gap that keeps growing is a khmon bug."),
             "cps", (
                 Query(f"sum by (tracepoint) ({rate('khmon_probe_hits_total')})", "{{tracepoint}} hits"),
                 Query(f"sum by (tracepoint) ({rate('khmon_events_total')} or "
                       f"{rate('khmon_lost_events_total')})", "{{tracepoint}} events + lost"),
             ), w=8, min=0),
+        Panel("timeseries", "Events pending in the kernel's dedup", (
+            "Events counted in the kernel whose records the in-kernel dedup still holds "
+            "(khmon_events_pending): hits = events + lost + pending. Flushed at the next scan of "
+            "the PMD after an epoch (every second), or when another PMD takes the slot."),
+            "none", (Query(f"sum by (tracepoint) ({sel('khmon_events_pending')})", "{{tracepoint}}"),),
+            w=8, min=0),
+        Panel("stat", "Collectors", (
+            "Whether each of the daemon's collectors finished the latest scrape without error "
+            "(khmon_scrape_collector_success): a failed one leaves its families out of the scrape."),
+            "none", (Query(f"min by (collector) ({sel('khmon_scrape_collector_success')})", "{{collector}}",
+                           instant=True),), w=4, h=8, mappings={"0": ("failed", "red"), "1": ("ok", "green")},
+            text_mode="value_and_name", thresholds=((None, "red"), (1, "green"))),
         Panel("table", "khmon build", "khmon_build_info: version of khmon, Python and bcc per daemon.",
               "none", (Query(f"max by (instance, version, python, bcc) ({sel('khmon_build_info')})",
                              instant=True, fmt="table"),), w=8, h=6),

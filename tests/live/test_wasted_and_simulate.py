@@ -29,19 +29,9 @@ from khmon.outputs import whatif
 from khmon.pipeline import capture
 from khmon.stream import bitmap
 from khmon.workload import PMD_SIZE, Workloads
+from tests.support.thp import mthp_knobs as _mthp_knobs
 
 pytestmark = pytest.mark.live
-
-
-def _mthp_knobs(orders: range) -> dict[str, str]:
-    """hugepages-<N>kB/enabled: inherit for the given orders, never for the others (only the
-    sizes this kernel has; 8kB, order 1, is not a collapse order and may be read-only)."""
-    knobs = {}
-    for d in sorted(sysfs.THP.glob("hugepages-*kB")):
-        order = (int(d.name[len("hugepages-"):-2]) // 4).bit_length() - 1
-        if order >= 2 and (d / "enabled").exists():
-            knobs[f"{d.name}/enabled"] = "inherit" if order in orders else "never"
-    return knobs
 
 
 def _mine(report: dict, w: dict) -> list[dict]:

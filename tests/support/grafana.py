@@ -146,6 +146,8 @@ class Target:
     fmt: str
     max_points: int | None
     panel: dict[str, Any]
+    repeat: str | None = None  # the variable its row repeats over: one value per copy
+
 
     @property
     def name(self) -> str:
@@ -166,12 +168,21 @@ def rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def targets(doc: dict[str, Any]) -> list[Target]:
+    """Every panel target. A panel after an expanded row belongs to that row (Grafana's
+    classic layout), and a row with `repeat` gives each copy one value of the variable."""
     out = []
-    for p in panels(doc):
-        for t in p.get("targets", []):
-            out.append(Target(doc["uid"], p["id"], p["title"], t["refId"], t["expr"],
-                              bool(t.get("instant")) and not t.get("range"), t.get("format", "time_series"),
-                              p.get("maxDataPoints"), p))
+    repeat = None
+    for top in doc.get("panels", []):
+        if top.get("type") == "row":
+            repeat = top.get("repeat")
+            inner = top.get("panels", [])  # a collapsed row keeps its panels inside
+        else:
+            inner = [top]
+        for p in inner:
+            for t in p.get("targets", []):
+                out.append(Target(doc["uid"], p["id"], p["title"], t["refId"], t["expr"],
+                                  bool(t.get("instant")) and not t.get("range"),
+                                  t.get("format", "time_series"), p.get("maxDataPoints"), p, repeat))
     return out
 
 
