@@ -8,7 +8,6 @@ restores them even when the test fails.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -18,20 +17,14 @@ from khmon.capture.live import LiveCapture
 from khmon.kernel import sysfs
 from khmon.pipeline import capture
 from khmon.workload import Workloads
+from tests.support.live import require_root
 
-IN_CI = os.environ.get("CI") == "true"
 # Fast scanning so a test's workload is collapsed in seconds.
 FAST = {"enabled": "madvise", "khugepaged/scan_sleep_millisecs": "100"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if os.geteuid() == 0:
-        return
-    if IN_CI:
-        raise pytest.UsageError("live tests must run as root in CI (they never skip there)")
-    skip = pytest.mark.skip(reason="live tests need root and BPF")
-    for item in items:
-        item.add_marker(skip)
+    require_root(items)
 
 
 @pytest.fixture

@@ -46,9 +46,11 @@ from ..geometry import PAGE, PMD_ORDER
 from ..kernel.sysfs import read_counters, read_settings, selected
 from ..model.model import Snapshot
 from ..model.waste import REASONS
-from ..stream.events import FN_COLLAPSE, FN_PMD_SCAN
+from ..stream.events import COLLAPSE, COLLAPSE_FILE, FN_COLLAPSE, FN_PMD_SCAN, SCAN_PMD
+from ..stream.layout import layouts_from_header
 
 NS = "khmon"
+MIN_ORDER = 2  # the smallest anonymous mTHP order (16 kB with 4 kB pages)
 # collapse_huge_page durations: the kernel counts log2 buckets ([2^k, 2^(k+1)) ns); these are
 # the upper bounds exported, 2^10 ns (1 us) to 2^35 ns (34 s). Fixed, so a series never
 # changes its bucket set; shorter calls fall in the first bucket, longer ones in +Inf.
@@ -93,6 +95,29 @@ def bitmap_source(header: dict[str, Any]) -> str:
     return "inferred" if FN_COLLAPSE in fields or FN_PMD_SCAN in fields else "none"
 
 
+def status_zeros(header: dict[str, Any]) -> dict[str, list[tuple[str, str]]]:
+    """(order, status) of every series the collapse-path families can have on this kernel,
+    by kind (and "scan" for scan_pmd's statuses, order ""), exported as 0 until counted.
+
+    A counter series that first appears at a nonzero value hides that value from
+    increase() and rate() (Prometheus takes the first sample as the baseline), so every
+    (kind, order, status) this kernel can produce exists from the first scrape: statuses
+    from the format files, orders 2..9 where the event has an order field, else 9."""
+    lays = {lay.name: lay for lay in layouts_from_header(header.get("events", []))}
+    out: dict[str, list[tuple[str, str]]] = {}
+    for kind, name in (("anon", COLLAPSE), ("file", COLLAPSE_FILE), ("function", FN_COLLAPSE),
+                       ("scan", SCAN_PMD)):
+        lay = lays.get(name)
+        if lay is None or not lay.fmt.status_field:
+            continue
+        statuses = sorted(set(lay.fmt.symbols[lay.fmt.status_field].values()))
+        orders = ([""] if kind == "scan" else
+                  [str(o) for o in range(MIN_ORDER, PMD_ORDER + 1)]
+                  if "order" in lay.field_names else [str(PMD_ORDER)])
+        out[kind] = [(o, st) for o in orders for st in statuses]
+    return out
+
+
 def _epoch_seconds(wall: str | None) -> float | None:
     if not wall:
         return None
@@ -116,6 +141,7 @@ class SnapshotCollector(Collector):
         self.latest = latest
         self.facts = facts
         self.kinds = probe_kinds(facts.header)
+        self.zeros = status_zeros(facts.header)
 
     def describe(self) -> list[Metric]:
         return []  # families depend on the kernel: not known before a scrape
@@ -215,7 +241,7 @@ class SnapshotCollector(Collector):
         yield _counter("exact_map_full", "Exact-count updates the kernel map refused because "
                        "it was full.", r.get("exact_map_full", 0))
         yield _counter("process_label_overflow", "Distinct comms counted under "
-                       'comm="other" because --max-process-labels was spent.',
+                       'comm=other because --max-process-labels was spent.',
                        m["process_label_overflow"])
         yield _gauge("snapshot_duration_seconds", "Time the latest snapshot took to build.",
                      m.get("snapshot_seconds", 0.0))
@@ -226,29 +252,36 @@ class SnapshotCollector(Collector):
                          "stopped).", wall)
 
     def _collapse_path(self, r: dict[str, Any]) -> Iterator[Metric]:
+        scans = {st: 0 for _o, st in self.zeros.get("scan", ())}
         yield _labelled(CounterMetricFamily, "scan_pmd", "mm_khugepaged_scan_pmd events by "
                         "verdict (the kernel's scan_result names).", "status",
-                        r["scan_pmd"]["by_status"])
-        c = CounterMetricFamily(f"{NS}_collapse_attempts", "Collapse attempts by outcome: "
-                                "anon (mm_collapse_huge_page), file "
-                                "(mm_khugepaged_collapse_file), function (collapse_huge_page "
-                                "calls the function probes saw). order is 9 where the "
-                                "kernel's event has no order field.",
-                                labels=["kind", "order", "status"])
+                        {**scans, **r["scan_pmd"]["by_status"]})
+        cells: dict[tuple[str, str, str], float] = {
+            (kind, o, st): 0 for kind, rows in self.zeros.items() if kind != "scan"
+            for o, st in rows}
         col = r["collapse"]
         if col["by_order"]:
             for order, o in col["by_order"].items():
                 for status, n in o["by_status"].items():
-                    c.add_metric(["anon", order, status], n)
+                    cells["anon", order, status] = n
         else:
             for status, n in col["by_status"].items():
-                c.add_metric(["anon", str(PMD_ORDER), status], n)
+                cells["anon", str(PMD_ORDER), status] = n
         for status, n in col["file"]["by_status"].items():
-            c.add_metric(["file", str(PMD_ORDER), status], n)
+            cells["file", str(PMD_ORDER), status] = n
         chp = r["functions"].get("collapse_huge_page")
         for order, o in (chp or {}).get("by_order", {}).items():
             for status, n in o.get("by_result", {}).items():
-                c.add_metric(["function", _order_label(order), status], n)
+                cells["function", _order_label(order), status] = n
+        c = CounterMetricFamily(f"{NS}_collapse_attempts", "Collapse attempts by outcome: "
+                                "anon (mm_collapse_huge_page), file "
+                                "(mm_khugepaged_collapse_file), function (collapse_huge_page "
+                                "calls the function probes saw). order is 9 where the "
+                                "kernel's event has no order field. Every status the kernel "
+                                "names is exported from the start, at 0 until it happens.",
+                                labels=["kind", "order", "status"])
+        for key, n in sorted(cells.items()):
+            c.add_metric(list(key), n)
         yield c
         if chp and chp.get("latency_log2_ns"):
             yield _durations(chp)
@@ -278,7 +311,7 @@ class SnapshotCollector(Collector):
                   ("uffd_attempts", "process_uffd_attempts", "Collapse attempts in "
                    "userfaultfd-armed VMAs of the comm (function probes)."))
         tail = (" Labelled by the comm a process had when first seen; past "
-                '--max-process-labels new comms count under comm="other".')
+                '--max-process-labels new comms count under comm=other.')
         for key, name, help_ in simple:
             yield _labelled(CounterMetricFamily, name, help_ + tail, "comm",
                             {comm: row.get(key, 0) for comm, row in rows.items()})

@@ -6,7 +6,8 @@ writes them to `DIR/khmon-<UTC start>.khrec` files (khmon.stream.recording.Write
 write per frame, so a file survives a SIGKILL up to its last complete part) and points
 `DIR/current.khrec` at the one being written. A file is closed and a new one started at a
 stats part boundary once the file reaches its size, or at the first stats part after
-rotate_soon() (SIGHUP). Before a file is started the oldest recordings in DIR are removed
+rotate_soon() (SIGHUP); the closed file ends with an end part repeating that stats part's
+counts, so it reads as a complete window. Before a file is started the oldest recordings in DIR are removed
 until the ones kept plus a full new file fit in `max_bytes` (only files named like khmon's
 own: nothing else in DIR is ever touched).
 
@@ -43,6 +44,9 @@ MIN_FILE_BYTES = 1 << 20
 FILES_PER_CAP = 8  # a file is at most max_bytes / 8: the oldest eighth goes at a time
 RETRY_S = 60.0
 MAX_LOST_KEYS = 16384  # as khmon.model.model: (mm, PMD) loss counters followed
+# What a stats part says once, as news (settings that changed, processes that exited, PMDs
+# that lost detail): not repeated in the end part that closes a rotated file.
+ONCE = ("settings", "exited", "lost_pmds")
 
 
 def file_bytes_for(max_bytes: int) -> int:
@@ -71,6 +75,7 @@ class FlightRecorder:
         self.removed = 0  # old files removed to stay under the cap
         self.write_errors = 0
         self.writer: Writer | None = None
+        self._done = 0  # bytes of the files closed before the current one
         self._hup = False
         self._retry_at: float | None = None
         self._settings = dict(header.get("settings") or {})
@@ -94,13 +99,19 @@ class FlightRecorder:
                     and time.monotonic() >= self._retry_at:
                 self._start_at(part.meta, "after a write error")
             return
+        rotate = part.kind == STATS and (self._hup or self.writer.bytes_written
+                                          >= self.file_bytes)
         try:
-            self.writer.add(self._rebased(part) if self._base else part)
+            out = self._rebased(part) if self._base else part
+            self.writer.add(out)
+            if rotate:  # this file's window ends here: its end part repeats these counts
+                self.writer.add(Part(END, meta={k: v for k, v in out.meta.items()
+                                                if k not in ONCE}))
         except KhmonError as e:
             self._failed(e)
             return
         self.bytes_written = self._done + self.writer.bytes_written
-        if part.kind == STATS and (self._hup or self.writer.bytes_written >= self.file_bytes):
+        if rotate:
             why = "SIGHUP" if self._hup else f"{self.writer.bytes_written} bytes"
             self._hup = False
             self._close_current()
