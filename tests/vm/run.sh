@@ -15,7 +15,7 @@
 #     loads the 9p and overlay modules, mounts the host's / (a read-only 9p export)
 #     under a tmpfs overlay (the guest writes anywhere, the host is never written),
 #     and switch_roots to /lib/systemd/systemd;
-#   - a second, read-write 9p export, a temp dir of this run, at /run/khmon: it
+#   - a second, read-write 9p export, a temp dir of this run, at /run/khmon-vm: it
 #     carries runner.sh and the command in, and the output and exit status out;
 #   - systemd boots khmon-vm.target (basic.target + khmon-runner.service), which
 #     runs the command (environment: KHMON_TCG_GUEST=1, and the caller's CI and
@@ -218,7 +218,7 @@ if ! flock -n 8; then
 fi
 
 qemu_args=(
-    -machine q35 -accel tcg -cpu max # KVM on this host hangs right after "Probing EDD"
+    -machine q35 -accel "${KHMON_VM_ACCEL:-tcg}" -cpu max # KVM on this host hangs right after "Probing EDD"
     -smp "$CPUS" -m "$MEMORY"
     -nodefaults -no-reboot -display none -net none
     -kernel "$VMLINUZ" -initrd "$INITRD"

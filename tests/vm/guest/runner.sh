@@ -1,6 +1,6 @@
 #!/bin/bash
 # runner.sh — ExecStart of khmon-runner.service in the test guest. tests/vm/run.sh
-# copies it into the run's read-write share (/run/khmon in the guest) with:
+# copies it into the run's read-write share (/run/khmon-vm in the guest) with:
 #   env      shell assignments: repo=<checkout>, and the exported environment
 #            (KHMON_TCG_GUEST=1, the caller's CI and KHMON_* variables)
 #   command  the command to run, as given to run.sh
@@ -11,7 +11,7 @@
 #   journal.log  the boot's journal, after the command
 # The unit powers the guest off when this script ends.
 set -uo pipefail
-share=/run/khmon
+share=/run/khmon-vm
 
 read -r uptime _ </proc/uptime
 echo "$uptime" >"$share/started"
