@@ -218,7 +218,7 @@ if ! flock -n 8; then
 fi
 
 qemu_args=(
-    -machine q35 -accel "${KHMON_VM_ACCEL:-tcg}" -cpu max # KVM on this host hangs right after "Probing EDD"
+    -machine q35 -accel tcg -cpu max # KVM on this host hangs right after "Probing EDD"
     -smp "$CPUS" -m "$MEMORY"
     -nodefaults -no-reboot -display none -net none
     -kernel "$VMLINUZ" -initrd "$INITRD"
