@@ -2,7 +2,8 @@
 # The whole test suite in stages, each timed, with a summary at the end.
 #
 #   scripts/test.sh           lint, unit, service (real Prometheus, promtool, tsc; no root or BPF),
-#                             live on the host kernel, live in the 6.1 and 7.2 guests
+#                             live on the host kernel (and the daemon there), live and
+#                             khmon.service under systemd in the 6.1 and 7.2 guests
 #   scripts/test.sh --fast    the same without the guest kernels
 #
 # Every stage runs even when an earlier one failed (the summary shows all of them); the
@@ -15,9 +16,11 @@ fast=0
 stages=("lint:.venv/bin/ruff check daemon tests bench dashboards && .venv/bin/lint-imports --no-cache"
         "unit:.venv/bin/python -m pytest -v tests/unit"
         "service:.venv/bin/python -m pytest -v tests/service"
-        "live-host:.venv/bin/python -m pytest -v tests/live")
+        "live-host:.venv/bin/python -m pytest -v tests/live tests/daemon")
 if [ "$fast" = 0 ]; then
-  stages+=("guest-6.1:tests/vm/suite.sh 6.1" "guest-7.2:tests/vm/suite.sh 7.2")
+  # tests/systemd joins the same boot (the guests run systemd as PID 1)
+  stages+=("guest-6.1:tests/vm/suite.sh 6.1 tests/live tests/systemd"
+           "guest-7.2:tests/vm/suite.sh 7.2 tests/live tests/systemd")
 fi
 
 summary=()

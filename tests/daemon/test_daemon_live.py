@@ -10,7 +10,6 @@ SIGTERM tests start daemons of their own.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
@@ -22,7 +21,7 @@ import pytest
 
 from khmon.kernel import sysfs
 from khmon.workload import COMM, Workloads
-from tests.support.daemon import KHMON, DaemonHandle, running_daemon
+from tests.support.daemon import KHMON, DaemonHandle, bpf_programs_of, running_daemon
 from tests.support.prometheus import Prometheus, Target, promtool
 
 PMDS = 8
@@ -227,24 +226,9 @@ def test_tls_endpoint_scraped_by_prometheus(tmp_path: Path) -> None:
         assert prom.value('up{job="khmon-tls"}') == 1
 
 
-def _programs_of(pid: int) -> set[int]:
-    """The ids of the BPF programs a process holds open (its fds' fdinfo: bpftool here is
-    built without the pid iterator that would list them)."""
-    ids = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            if os.readlink(fd) != "anon_inode:bpf-prog":
-                continue
-            info = Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text()
-        except OSError:
-            continue
-        ids |= {int(line.split()[1]) for line in info.splitlines() if line.startswith("prog_id:")}
-    return ids
-
-
 def test_sigterm_exits_0_within_10s_and_unloads_its_programs() -> None:
     with running_daemon() as d:
-        mine = _programs_of(d.pid)
+        mine = bpf_programs_of(d.pid)
         assert mine, "bpftool lists the daemon's programs while it runs"
         t0 = time.monotonic()
         d.proc.send_signal(signal.SIGTERM)

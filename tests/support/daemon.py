@@ -155,6 +155,22 @@ def running_daemon(*args: str, listen: str | None = None, socket: str | Path | N
                               f"{stop_timeout:.0f} s); stderr:\n{h.stderr_text()}")
 
 
+def bpf_programs_of(pid: int) -> set[int]:
+    """The ids of the BPF programs a process holds open, from its fds' fdinfo (Debian's
+    bpftool 7.1 is built without the pid iterator that would list them), so a test can check
+    that they are gone from `bpftool prog show` once the process is."""
+    ids: set[int] = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(fd) != "anon_inode:bpf-prog":
+                continue
+            info = Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text()
+        except OSError:
+            continue
+        ids |= {int(x.split()[1]) for x in info.splitlines() if x.startswith("prog_id:")}
+    return ids
+
+
 def _stop(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
     """SIGTERM and wait; SIGKILL after `timeout` (then the exit status says so: -9)."""
     if proc.poll() is None:

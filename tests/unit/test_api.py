@@ -131,9 +131,8 @@ def test_a_live_socket_is_not_taken_a_stale_one_is(tmp_path: Path, server: ApiSe
     s.bind(str(stale))
     s.close()  # bound, nobody listening: a killed daemon's
     srv = ApiServer(stale, lambda: None, lambda p, a: None, "k").start()
-    with DaemonClient(stale) as c:
-        with pytest.raises(KhmonError, match="no snapshot yet"):
-            c.snapshot()
+    with DaemonClient(stale) as c, pytest.raises(KhmonError, match="no snapshot yet"):
+        c.snapshot()
     srv.stop()
     assert not stale.exists()
 

@@ -7,16 +7,14 @@ tests/service/test_exporter.py; the live daemon in tests/daemon."""
 
 from __future__ import annotations
 
-import itertools
 from collections import Counter
 
 import pytest
-from khdata import START_NS
+from metricsdata import NASTY, snapshots
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
-from synthetic import SyntheticStream
 
-from khmon.model.model import Model, Snapshot
+from khmon.model.model import Snapshot
 from khmon.model.waste import REASONS
 from khmon.outputs.metrics import (
     DURATION_BOUNDS_LOG2,
@@ -27,59 +25,6 @@ from khmon.outputs.metrics import (
     bitmap_source,
     probe_kinds,
 )
-from khmon.stream.parts import Part
-
-SEC = 1_000_000_000
-NASTY = [b'a"b\\c', b"new\nline", b"\xff\xfe bad utf8", b"{x=\"1\"}", b"[/]", b"sp ace"]
-
-
-def _exact_stats(m: Model, second: int) -> Part:
-    """A stats part carrying in-kernel counts as the capture sends them: seen/lost/missed
-    per event (here what the records counted), exact collapse rows and a histogram."""
-    by = {lay.name: lay for lay in m.layouts}
-    col, fn = by["mm_collapse_huge_page"], by["fn_collapse"]
-    value = {n: v for v, n in col.fmt.symbols["status"].items()}
-    fn_value = {n: v for v, n in fn.fmt.symbols["result"].items()}
-    anon = m.events[col.index]
-    rows = [[anon.name(k)[1], value[anon.name(k)[0]], 2, n, 0, 0] for k, n in anon.counts.items()]
-    fcounts = m.events[fn.index]
-    frows, hist = [], []
-    for k, n in fcounts.counts.items():
-        st, order, _f = fcounts.name(k)
-        ns = fcounts.dur_sum[k]
-        frows.append([order, fn_value[st], 1 if st != "succeeded" else 0, n, ns,
-                      fcounts.dur_max[k]])
-        hist.append([order, int(st == "succeeded"), 9 if st != "succeeded" else 15, n])
-    seen = {ec.lay.name: ec.total for ec in m.events}
-    return Part("S", meta={
-        "mono_ns": START_NS + second * SEC, "wall": f"2026-12-02T10:00:{second % 60:02d}+00:00",
-        "probe": {"seen": seen, "lost": dict.fromkeys(seen, 0), "missed": dict.fromkeys(seen, 0),
-                  "exact": {"mm_collapse_huge_page": rows, "fn_collapse": frows},
-                  "hist": {"fn_collapse": hist}, "exact_full": 0}})
-
-
-def _snapshots(labels: int = 4, comms: list[bytes] | None = None, seconds: int = 6
-               ) -> tuple[Model, list[Snapshot]]:
-    """A model fed a synthetic stream (with exact counts each second) and its snapshots."""
-    s = SyntheticStream(processes=12, pmds_per_process=20, scanned_per_s=150, seconds=seconds,
-                        lifetime_s=(1, 3), seed=3)
-    if comms is not None:
-        names = itertools.cycle(comms)
-        spawn = s._spawn
-
-        def renamed(now_s: int):
-            p = spawn(now_s)
-            p.comm = next(names)
-            return p
-        s._spawn = renamed  # type: ignore[method-assign]
-    m = Model(s.header, s.lays, exit_grace_s=2, process_labels=labels)
-    snaps = []
-    for part in s.parts():
-        m.add(part)
-        if part.kind == "S":
-            m.add(_exact_stats(m, part.meta["mono_ns"] // SEC))
-            snaps.append(m.snapshot())
-    return m, snaps
 
 
 def _collect(snap: Snapshot, header: dict) -> list[Metric]:
@@ -97,7 +42,7 @@ def _samples(fam: Metric) -> dict[tuple, float]:
 @pytest.mark.parametrize("labels", [1, 4, 32])
 def test_comm_label_budget_holds_whatever_comms_the_stream_has(labels: int) -> None:
     comms = [f"c{i}".encode() for i in range(50)] + NASTY
-    m, snaps = _snapshots(labels, comms, seconds=14)
+    m, snaps = snapshots(labels, comms, seconds=14)
     fams = _families(_collect(snaps[-1], m.header))
     per_comm = [f for f in fams.values() if "comm" in (f.samples[0].labels if f.samples else {})]
     assert {f.name for f in per_comm} >= {"khmon_process_scans", "khmon_process_collapses",
@@ -114,14 +59,14 @@ def test_comm_label_budget_holds_whatever_comms_the_stream_has(labels: int) -> N
 
 
 def test_no_family_is_labelled_by_pid_or_address() -> None:
-    m, snaps = _snapshots(comms=NASTY)
+    m, snaps = snapshots(comms=NASTY)
     for fam in _collect(snaps[-1], m.header):
         for s in fam.samples:
             assert not {"pid", "address", "mm", "pmd", "tid"} & set(s.labels), (fam.name, s)
 
 
 def test_every_series_is_there_from_the_first_snapshot_and_never_goes_down() -> None:
-    m, snaps = _snapshots(comms=NASTY)
+    m, snaps = snapshots(comms=NASTY)
     first = _samples_of(_collect(snaps[0], m.header))
     before = first
     for snap in snaps[1:]:
@@ -151,7 +96,7 @@ def _samples_of(metrics: list[Metric]) -> dict[tuple, float]:
 
 
 def test_collapse_counts_follow_the_report() -> None:
-    m, snaps = _snapshots()
+    m, snaps = snapshots()
     r = snaps[-1].report
     got = _samples(_families(_collect(snaps[-1], m.header))["khmon_collapse_attempts"])
     for order, o in r["collapse"]["by_order"].items():
@@ -169,7 +114,7 @@ def test_collapse_counts_follow_the_report() -> None:
 
 
 def test_duration_histogram_is_cumulative_with_fixed_buckets() -> None:
-    m, snaps = _snapshots()
+    m, snaps = snapshots()
     fam = _families(_collect(snaps[-1], m.header))["khmon_collapse_duration_seconds"]
     chp = snaps[-1].report["functions"]["collapse_huge_page"]
     by_series: dict[tuple, list[tuple[float, float]]] = {}
@@ -201,7 +146,7 @@ def test_duration_histogram_is_cumulative_with_fixed_buckets() -> None:
 
 
 def test_no_created_series_and_probe_kinds() -> None:
-    m, snaps = _snapshots()
+    m, snaps = snapshots()
     reg = CollectorRegistry(auto_describe=False)
     reg.register(Timed({"snapshot": SnapshotCollector(lambda: snaps[-1],
                                                       DaemonFacts(m.header, "x")),
@@ -216,6 +161,6 @@ def test_no_created_series_and_probe_kinds() -> None:
 
 
 def test_before_the_first_snapshot_only_build_info() -> None:
-    m, _ = _snapshots(seconds=1)
+    m, _ = snapshots(seconds=1)
     fams = list(SnapshotCollector(lambda: None, DaemonFacts(m.header, "0.26.0")).collect())
     assert [f.name for f in fams] == ["khmon_build_info"]

@@ -252,6 +252,9 @@ class Model:
             "exact_counts": self.exact.present,
             # updates of the exact counts the kernel map refused (full): those counts fall short
             "exact_map_full": int((end.get("probe") or {}).get("exact_full") or 0),
+            # the pagemap source's reads (dropped, failures, unresolved, the first error), when
+            # the capture sampled pagemap (khmon.capture.pagemap_sampler)
+            "pagemap": end.get("pagemap"),
             "scan_pmd": {"by_status": _by_status(cells.get(SCAN_PMD, []))},
             "by_event": {name: {"count": events[name], "by_status": _by_status(cs)}
                          for name, cs in cells.items()},

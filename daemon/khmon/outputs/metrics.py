@@ -235,9 +235,20 @@ class SnapshotCollector(Collector):
                                                   for k in (*PMD_EVICTION_REASONS,
                                                             *m["pmds_evicted"])})
         yield _gauge("processes_tracked", "Processes held (bounded).", m["processes_tracked"])
-        yield _labelled(CounterMetricFamily, "model_dropped", "Detail the model's bounded "
-                        "queues could not keep.", "what",
-                        {k: m["dropped"].get(k, 0) for k in (*MODEL_DROPS, *m["dropped"])})
+        pagemap = r.get("pagemap") or {}
+        dropped = {k: m["dropped"].get(k, 0) for k in (*MODEL_DROPS, *m["dropped"])}
+        if pagemap:
+            dropped["pagemap_requests"] = pagemap.get("dropped", 0)
+        yield _labelled(CounterMetricFamily, "model_dropped", "Detail the bounded queues "
+                        "could not keep (pagemap_requests: PMD reads the pagemap source's "
+                        "queue refused).", "what", dropped)
+        if pagemap:
+            yield _counter("pagemap_failures", "pagemap reads that failed (the process "
+                           "exited, or no permission: another user's process needs "
+                           "CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH).", pagemap.get("failures", 0))
+            yield _counter("pagemap_unresolved", "Scanned pages the pagemap source could not "
+                           "place in a PMD of their process (it no longer maps them).",
+                           pagemap.get("unresolved", 0))
         yield _counter("exact_map_full", "Exact-count updates the kernel map refused because "
                        "it was full.", r.get("exact_map_full", 0))
         yield _counter("process_label_overflow", "Distinct comms counted under "

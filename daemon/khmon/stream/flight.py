@@ -14,10 +14,11 @@ own: nothing else in DIR is ever touched).
 Each file is a recording on its own, readable by `khmon report FILE`: its header is the
 capture's, with the start moved to the stats part the file begins at (time, the kernel's
 counters, the settings in force), and the in-kernel counters of its stats parts (seen, lost,
-missed, the exact collapse counts and their histogram, the PMDs whose detail was lost) are
-rebased to count from there. So a file's report covers its own window, and its accounting
-balances the way a recording's does, except for the repeats the in-kernel dedup held across
-a file boundary (at most an epoch, a second, of a PMD's rescans), which land in the next file.
+missed, the exact collapse counts and their histogram, the PMDs whose detail was lost, the
+pagemap source's reads) are rebased to count from there. So a file's report covers its own
+window, and its accounting balances the way a recording's does, except for the repeats the
+in-kernel dedup held across a file boundary (at most an epoch, a second, of a PMD's
+rescans), which land in the next file.
 
 A write that fails (a full disk) stops the recording, not the daemon: the error is logged
 and counted, and the recorder starts a new file at the first stats part 60 s later.
@@ -199,7 +200,9 @@ class FlightRecorder:
         except (KhmonError, OSError) as e:
             self._failed(e)
             return
-        self._base = _probe_base(meta.get("probe") or {})
+        self._base = {**_probe_base(meta.get("probe") or {}),
+                      "pagemap": {k: v for k, v in (meta.get("pagemap") or {}).items()
+                                  if isinstance(v, int)}}
         self._lost_base = dict(self._lost_last)
         self._retry_at = None
         self.rotations += 1
@@ -231,6 +234,9 @@ class FlightRecorder:
         meta = dict(part.meta)
         if isinstance(meta.get("probe"), dict):
             meta["probe"] = _rebase_probe(meta["probe"], self._base)
+        if isinstance(meta.get("pagemap"), dict):
+            meta["pagemap"] = {k: v - self._base["pagemap"].get(k, 0)
+                               if isinstance(v, int) else v for k, v in meta["pagemap"].items()}
         if meta.get("lost_pmds"):
             meta["lost_pmds"] = [[mm, a, n - self._lost_base.get((mm, a), 0)
                                   if n >= self._lost_base.get((mm, a), 0) else n]
