@@ -63,5 +63,3 @@ def snapshots(labels: int = 4, comms: list[bytes] | None = None, seconds: int = 
             m.add(exact_stats(m, part.meta["mono_ns"] // SEC))
             snaps.append(m.snapshot())
     return m, snaps
-
-
