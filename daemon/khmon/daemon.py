@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import faulthandler
 import ipaddress
+import platform
 import signal
 import ssl
 import time
@@ -34,6 +35,7 @@ from typing import Annotated, Any
 
 import typer
 
+from .capture.bpfgen import ProbeConfig
 from .errors import EXIT_BAD_INPUT, EXIT_FAIL, KhmonError
 from .kernel.sysfs import selected
 from .service.client import DEFAULT_SOCKET
@@ -83,10 +85,7 @@ class Options:
     socket: Path
     record_dir: Path | None
     record_max_bytes: int
-    pid: int
     max_process_labels: int
-    ringbuf_pages: int
-    dedup_slots: int
 
 
 def _path_opt(value: Path | None) -> Path | None:
@@ -143,6 +142,10 @@ def command(
         if (tls_cert is None) != (tls_key is None):
             raise KhmonError("--tls-cert and --tls-key go together", "give both, or neither",
                              EXIT_BAD_INPUT)
+        for opt, path in (("--tls-cert", tls_cert), ("--tls-key", tls_key)):
+            if path is not None and not path.is_file():
+                raise KhmonError(f"{opt} {path}: no such file", "give a PEM file",
+                                 EXIT_BAD_INPUT)
         record = _path_opt(record_dir)
         cap = parse_size(record_max_bytes)
         if record is not None and cap < MIN_RECORD_MAX:
@@ -152,8 +155,7 @@ def command(
         cfg = _config(pid, ringbuf_pages, dedup_slots)
         opts = Options(parse_listen(listen),
                        (tls_cert, tls_key) if tls_cert is not None and tls_key is not None
-                       else None, socket, record, cap, pid, max_process_labels,
-                       ringbuf_pages, dedup_slots)
+                       else None, socket, record, cap, max_process_labels)
         Daemon(opts, cfg).run()
 
     _guard(body)
@@ -162,7 +164,7 @@ def command(
 class Daemon:
     """One run of the service; run() returns when it was told to stop."""
 
-    def __init__(self, opts: Options, cfg: Any) -> None:
+    def __init__(self, opts: Options, cfg: ProbeConfig) -> None:
         from .service.log import daemon_logger
         from .service.sdnotify import Notifier
 
@@ -251,7 +253,8 @@ class Daemon:
             raise KhmonError(f"cannot listen on {host}:{port}: {why}",
                              "choose another --listen (is another khmon running?)",
                              EXIT_FAIL) from e
-        self.api = ApiServer(self.opts.socket, self._latest, self._pmd, _release()).start()
+        self.api = ApiServer(self.opts.socket, self._latest, self._pmd,
+                             platform.release()).start()
         self.api.on_disconnect = self._client_dropped
 
     def _attach(self) -> None:
@@ -429,9 +432,3 @@ class Daemon:
 
 def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _release() -> str:
-    import platform
-
-    return platform.release()

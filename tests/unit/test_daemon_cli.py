@@ -22,6 +22,7 @@ from khmon.errors import KhmonError
     (["--listen", "127.0.0.1"], "is not ADDR:PORT"),
     (["--listen", "127.0.0.1:99999"], "is not ADDR:PORT"),
     (["--tls-cert", "/etc/hostname"], "--tls-cert and --tls-key go together"),
+    (["--tls-cert", "/nonexistent.pem", "--tls-key", "/etc/hostname"], "no such file"),
     (["--record-dir", "/tmp/x", "--record-max-bytes", "lots"], "is not a size"),
     (["--record-dir", "/tmp/x", "--record-max-bytes", "1M"], "is below 8M"),
     (["--ringbuf-pages", "1000"], "is not a power of two"),

@@ -440,8 +440,8 @@ def _settings(settings: dict[str, str]) -> Iterator[Metric]:
 
 
 class ServiceCollector(Collector):
-    """The daemon's own parts: `read()` gives {family: (type, help, {labels: value})}
-    with label tuples of (name, value) pairs, from the socket server and flight recorder."""
+    """The daemon's own parts (the socket server, the flight recorder): `read()` yields
+    their metric families; the daemon knows what it runs."""
 
     def __init__(self, read: Callable[[], Iterable[Metric]]) -> None:
         self.read = read
