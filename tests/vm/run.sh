@@ -24,9 +24,10 @@
 # Kept in build/vm/: <series>-console.log (the serial console: kernel and systemd,
 # loglevel 7; its last lines are printed when the guest fails) and
 # <series>-journal.log (journalctl -b, taken after the command). A guest that dies
-# on its own (no runner within KHMON_VM_BOOT_TIMEOUT, or a kernel panic or Oops
-# before the command ended) is booted once more, and says so; its console is kept
-# as <series>-console.log.died. A test failure is never retried.
+# on its own (no runner within KHMON_VM_BOOT_TIMEOUT; a kernel panic or Oops, or no
+# heartbeat within KHMON_VM_HANG_TIMEOUT, before the command ended) is booted once
+# more, and says so; its console is kept as <series>-console.log.died. A test
+# failure is never retried.
 #
 # Environment:
 #   KHMON_CACHE             cache root (default /var/cache/khmon): kernels, apt state, initramfs
@@ -34,7 +35,10 @@
 #   KHMON_VM_CPUS           guest CPUs (default 2)
 #   KHMON_VM_TIMEOUT        seconds before the guest is killed (default 1800; 0 = none)
 #   KHMON_VM_BOOT_TIMEOUT   seconds for the boot to reach the runner (default 300; 0 = none)
+#   KHMON_VM_HANG_TIMEOUT   seconds without a heartbeat from the guest before it counts as
+#                           hung (default 180; 0 = none)
 #   KHMON_VM_APPEND         more kernel command line (e.g. systemd.log_level=debug)
+#   KHMON_VM_ACCEL          qemu's -accel (default tcg; never kvm on this host, see below)
 set -euo pipefail
 
 START_NS=$(date +%s%N)
@@ -45,6 +49,7 @@ MEMORY="${KHMON_VM_MEMORY:-2G}"
 CPUS="${KHMON_VM_CPUS:-2}"
 TIMEOUT="${KHMON_VM_TIMEOUT:-1800}"
 BOOT_TIMEOUT="${KHMON_VM_BOOT_TIMEOUT:-300}"
+HANG_TIMEOUT="${KHMON_VM_HANG_TIMEOUT:-180}"
 PROG="run.sh"
 
 die() { echo "$PROG: error: $*" >&2; exit 1; }
@@ -56,7 +61,7 @@ secs_since() { echo "$((($(date +%s%N) - ${1:-$START_NS}) / 1000000))" | sed -E 
 SERIES="$1"
 CMD="$2"
 case "$SERIES" in 6.1 | 7.2) ;; *) die "unknown kernel series '$SERIES' (expected 6.1 or 7.2)" ;; esac
-for v in TIMEOUT BOOT_TIMEOUT; do
+for v in TIMEOUT BOOT_TIMEOUT HANG_TIMEOUT; do
     [[ "${!v}" =~ ^[0-9]+$ ]] || die "KHMON_VM_$v='${!v}' is not a number of seconds"
 done
 [[ $(id -u) == 0 ]] || die "must run as root (apt-get, /usr/lib/modules and qemu's 9p export of / need it)"
@@ -218,7 +223,7 @@ if ! flock -n 8; then
 fi
 
 qemu_args=(
-    -machine q35 -accel tcg -cpu max # KVM on this host hangs right after "Probing EDD"
+    -machine q35 -accel "${KHMON_VM_ACCEL:-tcg}" -cpu max # KVM on this host hangs right after "Probing EDD"
     -smp "$CPUS" -m "$MEMORY"
     -nodefaults -no-reboot -display none -net none
     -kernel "$VMLINUZ" -initrd "$INITRD"
@@ -238,8 +243,8 @@ qemu_args=(
 # One boot. Sets RC (the run's exit status so far) and WHY (empty, or why the
 # guest died on its own: worth a second boot).
 boot() {
-    local qpid tpid qrc boot_ns now killed="" started="" hung=0 timed_out=0
-    rm -f "$SHARE/started" "$SHARE/status" "$SHARE/journal.log"
+    local qpid tpid qrc boot_ns now killed="" started="" hung=0 stopped=0 timed_out=0 beat="" beat_ns=""
+    rm -f "$SHARE/started" "$SHARE/heartbeat" "$SHARE/status" "$SHARE/journal.log"
     : >"$SHARE/output"
     log "booting $RELEASE (TCG, $CPUS cpus, $MEMORY, systemd)"
     boot_ns=$(date +%s%N)
@@ -252,19 +257,28 @@ boot() {
     # qemu has, after reading what is left.
     tail -n +1 -f --pid="$qpid" "$SHARE/output" &
     tpid=$!
-    # Watch the boot: note when the runner starts, and stop qemu when the boot
-    # hangs (no runner within BOOT_TIMEOUT) or the run exceeds TIMEOUT (SIGTERM,
-    # then SIGKILL 10 s later).
+    # Watch the guest: note when the runner starts, and stop qemu (SIGTERM, then
+    # SIGKILL 10 s later) when the boot hangs (no runner within BOOT_TIMEOUT), the
+    # guest stops (no new heartbeat within HANG_TIMEOUT), or the run exceeds TIMEOUT.
     while kill -0 "$qpid" 2>/dev/null; do
         now=$(date +%s%N)
         if [[ -z "$started" && -e "$SHARE/started" ]]; then
             started=1
+            beat_ns=$now
             log "runner started $(secs_since "$boot_ns")s after qemu (guest uptime $(cat "$SHARE/started")s)"
+        fi
+        if [[ -n "$started" ]] && [[ "$(cat "$SHARE/heartbeat" 2>/dev/null)" != "$beat" ]]; then
+            beat=$(cat "$SHARE/heartbeat" 2>/dev/null)
+            beat_ns=$now
         fi
         if [[ -n "$killed" ]]; then
             ((now - killed < 10000000000)) || kill -KILL "$qpid" 2>/dev/null || true
         elif [[ -z "$started" && "$BOOT_TIMEOUT" != 0 ]] && ((now - boot_ns > BOOT_TIMEOUT * 1000000000)); then
             hung=1
+            killed=$now
+            kill "$qpid" 2>/dev/null || true
+        elif [[ -n "$started" && "$HANG_TIMEOUT" != 0 ]] && ((now - beat_ns > HANG_TIMEOUT * 1000000000)); then
+            stopped=1
             killed=$now
             kill "$qpid" 2>/dev/null || true
         elif [[ "$TIMEOUT" != 0 ]] && ((now - boot_ns > TIMEOUT * 1000000000)); then
@@ -287,6 +301,9 @@ boot() {
     elif ((hung)); then
         RC=255
         WHY="no runner within ${BOOT_TIMEOUT}s of booting (KHMON_VM_BOOT_TIMEOUT): a hung boot"
+    elif ((stopped)); then
+        RC=255
+        WHY="no heartbeat from the guest for ${HANG_TIMEOUT}s (KHMON_VM_HANG_TIMEOUT) under the command: a hung kernel"
     elif ((timed_out)); then
         RC=124
         log "guest killed after ${TIMEOUT}s (KHMON_VM_TIMEOUT)"
