@@ -91,7 +91,8 @@ def _row() -> Row:
 DASHBOARD = Dashboard(
     UID, "khmon host detail",
     "One khmon daemon per row (the row repeats for each selected instance): what khugepaged did on "
-    "that machine, its settings over time, and an annotation at every settings change. Metrics: "
+    "that machine, its settings over time, and an annotation at every settings change (one that "
+    "lasted less than a scrape interval is in no sample, and shows nowhere). Metrics: "
     "docs/metrics.md; alerts: docs/runbooks.md.",
     (_row(),),
     annotations=(

@@ -113,7 +113,9 @@ class Panel:
     stack: bool = False
     min: float | None = None
     merge: bool = False  # tables: join the queries' frames on their labels
-    columns: dict[str, tuple[str, str]] = field(default_factory=dict)  # refId -> (name, unit)
+    # A merged table's value columns, by refId: (header, unit). Grafana names the column of
+    # query X "Value #X" after the merge, which is what the override matches.
+    columns: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def query_needs(self, q: Query) -> str | None:
         return q.needs or self.needs
@@ -163,8 +165,8 @@ def _builder(p: Panel, panel_id: int) -> Any:
     if p.min is not None:
         b = b.min(p.min)
     for ref, (name, unit) in p.columns.items():
-        b = b.override_by_query(ref, [dm.DynamicConfigValue(id_val="displayName", value=name),
-                                      dm.DynamicConfigValue(id_val="unit", value=unit)])
+        b = b.override_by_name(f"Value #{ref}", [dm.DynamicConfigValue(id_val="displayName", value=name),
+                                                 dm.DynamicConfigValue(id_val="unit", value=unit)])
     if p.kind == "timeseries":
         b = (b.max_data_points(MAX_POINTS).fill_opacity(10).line_width(1).show_points(cm.VisibilityMode.NEVER)
              .legend(common.VizLegendOptions().display_mode(cm.LegendDisplayMode.TABLE)
