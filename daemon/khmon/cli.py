@@ -1,4 +1,4 @@
-"""The `khmon` command line: doctor, record, report, simulate, demo.
+"""The `khmon` command line: doctor, record, report, simulate, demo, top.
 
 Exit codes: 0 success; 1 the environment cannot do it (no root, no tracepoints, BPF refused);
 2 bad input (bad option values, a corrupt or foreign recording). Every such failure prints one
@@ -380,6 +380,40 @@ def _demo_story(r: dict, runs: list[dict], pmds: int) -> str:
         f"{delta.get('thp_scan_exceed_none_pte')}.",
         f"- lost events: {r['lost_events']}.",
     ])
+
+
+@app.command(no_args_is_help=False)
+def top(
+    interval: Annotated[float | None, typer.Argument(min=0.1, help="Seconds between refreshes "
+                                                     "(default 1).")] = None,
+    count: Annotated[int | None, typer.Argument(min=1, help="Refreshes, then exit.")] = None,
+    delay: Annotated[float | None, typer.Option("--delay", "-d", min=0.1,
+                                                help="Same as INTERVAL.")] = None,
+    number: Annotated[int | None, typer.Option("--count", "-n", min=1,
+                                               help="Same as COUNT.")] = None,
+    pid: PidOpt = 0,
+    batch: Annotated[bool, typer.Option("--batch", "-b", help="Plain text, one block per "
+                                        "refresh (the default when stdout is not a "
+                                        "terminal).")] = False,
+    once: Annotated[bool, typer.Option("--once", help="Batch output of one refresh (with -n: "
+                                       "that many).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON snapshot per line.")] = False,
+    socket: Annotated[Path | None, typer.Option("--socket", help="The daemon's socket "
+                                                "(default /run/khmon/khmon.sock).")] = None,
+    local: Annotated[bool, typer.Option("--local", help="A capture of its own even when a "
+                                        "daemon runs (root).")] = False,
+    replay: Annotated[Path | None, typer.Option("--replay", help="Play a recording frame by "
+                                                "frame (space pauses, [ and ] step).")] = None,
+) -> None:
+    """Live view of khugepaged: per order, process and PMD, what it tries and wastes, and
+    whether khmon's counts agree with the kernel's. From the daemon's socket when one runs,
+    else a capture of its own (root). Keys: h or ? for help, q to quit.
+    """
+    from .outputs.top import TopOptions
+    from .outputs.top import run as run_top
+
+    raise typer.Exit(_guard(lambda: run_top(TopOptions(
+        interval, count, delay, number, pid, batch, once, as_json, socket, local, replay))))
 
 
 def _generated_c(cfg: ProbeConfig) -> str:
