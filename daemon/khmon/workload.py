@@ -42,9 +42,9 @@ def pattern_bits(pattern: str, seed: int = 1) -> list[bool]:
     return [PATTERNS[pattern](i, rng) for i in range(PTES)]
 
 
-def _set_comm() -> None:
+def _set_comm(name: bytes) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_NAME, ctypes.c_char_p(COMM), 0, 0, 0)
+    libc.prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
 
 
 def anon_huge_kb(start: int, length: int) -> int:
@@ -108,8 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wait-signal", action="store_true",
                     help="wait for SIGUSR1 before touching memory (lets a tracer that needs "
                     "this pid, like khmon record -p, attach first)")
+    ap.add_argument("--comm", default=COMM.decode(),
+                    help="the process name to take (prctl PR_SET_NAME; the kernel keeps 15 "
+                    "bytes): a test's hostile name such as '[/]'")
     args = ap.parse_args(argv)
-    _set_comm()
+    _set_comm(args.comm.encode())
     if args.wait_signal:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
         print(json.dumps({"waiting": True, "pid": os.getpid()}), flush=True)
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     start = base + off
     uffd = _uffd_register(start, length) if args.uffd else None
     m.madvise(mmap.MADV_HUGEPAGE, off, length)
-    print(json.dumps({"ready": True, "pid": os.getpid(), "comm": COMM.decode(),
+    print(json.dumps({"ready": True, "pid": os.getpid(), "comm": args.comm,
                       "start": hex(start), "pmds": args.pmds, "pattern": args.pattern}),
           flush=True)
     want_kb = args.pmds * PMD_SIZE // 1024 if args.pattern == "full" else 0
