@@ -9,9 +9,10 @@ The wiring, in the order it happens:
      without it;
   3. the pipeline's worker (khmon.pipeline.LivePipeline) drains the ring buffer into the
      model and, with --record-dir, into the flight recorder (khmon.stream.flight);
-  4. READY=1 goes to systemd; from then on the main thread pings the watchdog while the
-     worker keeps publishing snapshots (a worker that stops draining stops the pings, and
-     systemd restarts the service), updates STATUS=, and logs state changes;
+  4. READY=1 goes to systemd once the first snapshot is out (the endpoint then has every
+     family); from then on the main thread pings the watchdog while the worker keeps
+     publishing snapshots (a worker that stops draining stops the pings, and systemd
+     restarts the service), updates STATUS=, and logs state changes;
   5. SIGTERM or SIGINT: STOPPING=1, the probes are detached and drained, the recording's
      end part written, the endpoint and socket closed; exit 0. SIGHUP starts a new
      recording file.
@@ -205,6 +206,11 @@ class Daemon:
             self._attach()
             if self.stopping:
                 return
+            # Ready means attached and publishing: the first snapshot comes with the first
+            # stats part, a second after the worker starts (an error ends the wait too).
+            while self.pipeline.snapshot is None and not self.pipeline.done.wait(0.05) \
+                    and not self.stopping:
+                pass
             self.notify.ready(f"attached in {time.monotonic() - t0:.1f} s")
             self.pipeline.wait(lambda: self.stopping, tick=0.5, on_tick=self._tick)
             snap = self.pipeline.snapshot
