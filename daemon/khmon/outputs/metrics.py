@@ -46,7 +46,14 @@ from ..geometry import PAGE, PMD_ORDER
 from ..kernel.sysfs import read_counters, read_settings, selected
 from ..model.model import Snapshot
 from ..model.waste import REASONS
-from ..stream.events import COLLAPSE, COLLAPSE_FILE, FN_COLLAPSE, FN_PMD_SCAN, SCAN_PMD
+from ..stream.events import (
+    COLLAPSE,
+    COLLAPSE_FILE,
+    FN_COLLAPSE,
+    FN_PMD_SCAN,
+    SCAN_PMD,
+    SUCCEEDED,
+)
 from ..stream.layout import layouts_from_header
 
 NS = "khmon"
@@ -96,13 +103,16 @@ def bitmap_source(header: dict[str, Any]) -> str:
 
 
 def status_zeros(header: dict[str, Any]) -> dict[str, list[tuple[str, str]]]:
-    """(order, status) of every series the collapse-path families can have on this kernel,
-    by kind (and "scan" for scan_pmd's statuses, order ""), exported as 0 until counted.
+    """(order, status) of the collapse-path series exported as 0 until counted, by kind
+    (and "scan" for scan_pmd's statuses, order ""), on this kernel.
 
     A counter series that first appears at a nonzero value hides that value from
-    increase() and rate() (Prometheus takes the first sample as the baseline), so every
-    (kind, order, status) this kernel can produce exists from the first scrape: statuses
-    from the format files, orders 2..9 where the event has an order field, else 9."""
+    increase() and rate() (Prometheus takes the first sample as the baseline). So the
+    successes of every kind and order (2..9 where the event has an order field, else 9) and
+    every scan verdict of the format file exist from the first scrape. Failed attempts by
+    status are not pre-created: the format's 32 statuses times 8 orders times 2 kinds are
+    over 500 series, most of which a kernel never produces, and they doubled the time a
+    scrape takes; a failure status's series is born at its first attempt (docs/metrics.md)."""
     lays = {lay.name: lay for lay in layouts_from_header(header.get("events", []))}
     out: dict[str, list[tuple[str, str]]] = {}
     for kind, name in (("anon", COLLAPSE), ("file", COLLAPSE_FILE), ("function", FN_COLLAPSE),
@@ -110,11 +120,13 @@ def status_zeros(header: dict[str, Any]) -> dict[str, list[tuple[str, str]]]:
         lay = lays.get(name)
         if lay is None or not lay.fmt.status_field:
             continue
-        statuses = sorted(set(lay.fmt.symbols[lay.fmt.status_field].values()))
-        orders = ([""] if kind == "scan" else
-                  [str(o) for o in range(MIN_ORDER, PMD_ORDER + 1)]
-                  if "order" in lay.field_names else [str(PMD_ORDER)])
-        out[kind] = [(o, st) for o in orders for st in statuses]
+        if kind == "scan":
+            out[kind] = [("", st) for st in sorted(set(
+                lay.fmt.symbols[lay.fmt.status_field].values()))]
+            continue
+        orders = (range(MIN_ORDER, PMD_ORDER + 1) if "order" in lay.field_names
+                  else [PMD_ORDER])
+        out[kind] = [(str(o), SUCCEEDED) for o in orders]
     return out
 
 
@@ -288,8 +300,9 @@ class SnapshotCollector(Collector):
                                 "anon (mm_collapse_huge_page), file "
                                 "(mm_khugepaged_collapse_file), function (collapse_huge_page "
                                 "calls the function probes saw). order is 9 where the "
-                                "kernel's event has no order field. Every status the kernel "
-                                "names is exported from the start, at 0 until it happens.",
+                                "kernel's event has no order field. Successes are exported "
+                                "from the start (at 0); a failure status from its first "
+                                "attempt.",
                                 labels=["kind", "order", "status"])
         for key, n in sorted(cells.items()):
             c.add_metric(list(key), n)
