@@ -12,7 +12,15 @@ Measured, in alternating rounds (the order rotates every round), over a fixed wi
   khmon     an in-process khmon.capture.live.LiveCapture, its parts consumed by a report
             model exactly as `khmon report --live` does (khmon.pipeline)
   bpftrace  bpftrace -e 'tracepoint:huge_memory:mm_khugepaged_scan_pmd { @ = count(); }'
+  daemon    `khmon daemon` as khmon.service runs it (its own process, the flight recorder on),
+            its /metrics endpoint scraped every second by this process
 Each window starts once the tracer is attached (and has settled for a second).
+
+With the daemon mode, after the rounds, a soak of --daemon-soak seconds (default 600): one
+daemon under the same full-speed khugepaged, scraped every second, its RSS right after
+attach and at the end, its CPU share, and the scrape durations (client side, the whole
+response) over the soak. Targets: daemon/bpftrace >= 1, RSS at the end <= 1.1 x RSS after
+attach, scrapes <= 50 ms.
 
 How to read the output:
   full_scans/s     delta of khugepaged/full_scans over the window divided by its length:
@@ -54,7 +62,9 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +73,9 @@ from khmon.capture.bpfgen import ProbeConfig
 from khmon.capture.live import LiveCapture
 from khmon.kernel.sysfs import KHUGEPAGED, khugepaged_pid, override
 from khmon.pipeline import LivePipeline
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, for tests.support
+from tests.support.daemon import running_daemon  # the real daemon, in its own process
 
 KNOBS = {
     "enabled": "madvise",
@@ -351,12 +364,105 @@ def run_khmon(ctx: Context, w: Window) -> None:
     w.extra["unaccounted"] = sum(a["unaccounted"] for a in r["accounting"].values())
 
 
+def rss_bytes(pid: int) -> int:
+    """VmRSS of a process (/proc/PID/status), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def scrape(url: str) -> float:
+    """GET the endpoint and read the whole response; seconds it took."""
+    t0 = time.perf_counter()
+    with urllib.request.urlopen(url, timeout=10) as r:
+        r.read()
+    return time.perf_counter() - t0
+
+
+def hits(url: str) -> int:
+    """khmon_probe_hits_total of the scan event, from the daemon's own exposition."""
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    m = re.search(rf'^khmon_probe_hits_total{{tracepoint="{TRACEPOINT}"}} (\S+)$', text, re.M)
+    return int(float(m.group(1))) if m else 0
+
+
+def daemon_cpu_s(pid: int) -> float:
+    return cpu_ticks(pid) / CLK_TCK
+
+
+@contextlib.contextmanager
+def bench_daemon() -> Iterator:
+    """khmon daemon as the unit runs it: its own process, the flight recorder on (in a temp
+    dir, capped at 256 MiB so a long run cannot fill the disk); stopped with SIGTERM."""
+    with tempfile.TemporaryDirectory(prefix="khmon-bench-") as tmp, \
+            running_daemon("--record-max-bytes", "256M", record_dir=Path(tmp) / "rec") as d:
+        if f'probe="{TRACEPOINT}"}} 1.0' not in d.metrics():
+            raise RuntimeError(f"khmon daemon did not attach to {TRACEPOINT}")
+        yield d
+
+
+def run_daemon(ctx: Context, w: Window) -> None:
+    """The daemon attached, its endpoint scraped every second during the window."""
+    with bench_daemon() as d:
+        time.sleep(SETTLE_S)
+        m = Meter(ctx, w)
+        m.start()
+        c0, h0 = daemon_cpu_s(d.pid), hits(d.url)
+        durations = []
+        end = m.t0 + ctx.window_s
+        while (left := end - time.monotonic()) > 0:
+            durations.append(scrape(d.url))
+            time.sleep(max(0.0, min(left, 1.0) - durations[-1]))
+            m.tick()
+        m.stop()
+        w.extra.update(daemon_cpu_pct=100 * (daemon_cpu_s(d.pid) - c0) / w.seconds,
+                       seen_per_s=(hits(d.url) - h0) / w.seconds,
+                       scrape_ms=1000 * statistics.median(durations),
+                       scrape_ms_max=1000 * max(durations))
+
+
+def daemon_soak(seconds: float) -> None:
+    """One daemon for `seconds` under full-speed khugepaged, scraped every second: RSS
+    right after attach and at the end, CPU share, scrape durations."""
+    print(f"\ndaemon soak: {seconds:.0f} s, khugepaged at full speed, /metrics every second",
+          flush=True)
+    with bench_daemon() as d:
+        rss0, t0, c0 = rss_bytes(d.pid), time.monotonic(), daemon_cpu_s(d.pid)
+        s0, h0 = full_scans(), hits(d.url)
+        durations: list[float] = []
+        peak = rss0
+        while (now := time.monotonic()) - t0 < seconds:
+            durations.append(scrape(d.url))
+            peak = max(peak, rss_bytes(d.pid))
+            if len(durations) % 60 == 0:
+                print(f"  {now - t0:5.0f} s: RSS {rss_bytes(d.pid) / 2**20:.1f} MiB, "
+                      f"scrape {1000 * durations[-1]:.1f} ms", flush=True)
+            time.sleep(max(0.0, 1.0 - durations[-1]))
+        wall = time.monotonic() - t0
+        rss1, cpu = rss_bytes(d.pid), daemon_cpu_s(d.pid) - c0
+        scans, seen = full_scans() - s0, hits(d.url) - h0
+    ms = sorted(1000 * x for x in durations)
+    p99 = ms[min(len(ms) - 1, int(0.99 * len(ms)))]
+    print(f"  RSS after attach {rss0 / 2**20:.1f} MiB, after {wall:.0f} s {rss1 / 2**20:.1f} MiB "
+          f"(x{rss1 / rss0:.3f}; peak {peak / 2**20:.1f} MiB): "
+          f"{'MET' if rss1 <= 1.1 * rss0 else 'MISSED'} (target <= 1.1x)")
+    print(f"  daemon CPU {100 * cpu / wall:.1f}% of one core; {seen / wall:,.0f} events seen/s; "
+          f"khugepaged {scans / wall:.1f} full_scans/s")
+    print(f"  scrape (whole response, {len(ms)} scrapes): median {statistics.median(ms):.1f} ms, "
+          f"p99 {p99:.1f} ms, max {ms[-1]:.1f} ms: {'MET' if p99 <= 50 else 'MISSED'} "
+          "(target <= 50 ms)")
+
+
 # Modes by name; a scratch script may add its own (see the report for prototypes).
 MODES: dict[str, Callable[[Context, Window], None]] = {
     "none": run_none,
     "khmon": run_khmon,
     "bpftrace": run_bpftrace,
+    "daemon": run_daemon,
 }
+TRACERS = ("khmon", "daemon")  # what the target compares with bpftrace
 
 
 # ---------------------------------------------------------------------------------------
@@ -486,23 +592,28 @@ def median_of(ws: list[Window], attr: str) -> float:
     return statistics.median(getattr(w, attr) for w in clean)
 
 
-def report_pinned(windows: list[Window], modes: list[str]) -> bool | None:
-    """Medians and khmon/bpftrace per pinned CPU; the target holds only if it holds on every
-    CPU (None when there is nothing to compare)."""
+def report_pinned(windows: list[Window], modes: list[str]) -> dict[str, bool | None]:
+    """Medians and <tracer>/bpftrace per pinned CPU; a tracer's target holds only if it holds
+    on every CPU (None when there is nothing to compare)."""
     cpus = sorted({w.cpu for w in windows if w.cpu is not None})
+    tracers = [t for t in TRACERS if t in modes]
     print("\nper pinned CPU (medians of full_scans/s over unflagged windows):")
-    print(f"  {'cpu':>3} " + " ".join(f"{m:>10}" for m in modes) + "  khmon/bpftrace")
-    met: bool | None = None
+    print(f"  {'cpu':>3} " + " ".join(f"{m:>10}" for m in modes)
+          + "".join(f"  {t}/bpftrace" for t in tracers))
+    met: dict[str, bool | None] = dict.fromkeys(tracers)
     for cpu in cpus:
         med = {m: median_of(ws, "rate") for m in modes
                if (ws := [w for w in windows if w.cpu == cpu and w.mode == m])}
         cells = " ".join(f"{med.get(m, 0.0):10.1f}" for m in modes)
-        ratio = "n/a"
-        if med.get("bpftrace") and "khmon" in med:
-            r = med["khmon"] / med["bpftrace"]
-            ratio = f"{r:.3f}"
-            met = (met is not False) and r >= 1
-        print(f"  {cpu:>3} {cells}  {ratio}")
+        ratios = []
+        for t in tracers:
+            ratio = "n/a"
+            if med.get("bpftrace") and t in med:
+                r = med[t] / med["bpftrace"]
+                ratio = f"{r:.3f}"
+                met[t] = (met[t] is not False) and r >= 1
+            ratios.append(f"{ratio:>{len(t) + 11}}")
+        print(f"  {cpu:>3} {cells}" + "".join(f"  {r}" for r in ratios))
     return met
 
 
@@ -512,7 +623,11 @@ def report(windows: list[Window], modes: list[str]) -> None:
           f"{'scans/kh-cpu-s':>14}  notes")
     for w in windows:
         notes = []
-        if "seen_per_s" in w.extra:
+        if "daemon_cpu_pct" in w.extra:
+            notes.append(f"seen {w.extra['seen_per_s']:,.0f}/s daemon cpu "
+                         f"{w.extra['daemon_cpu_pct']:.1f}% scrape {w.extra['scrape_ms']:.1f} ms "
+                         f"(max {w.extra['scrape_ms_max']:.1f})")
+        elif "seen_per_s" in w.extra:
             notes.append(f"seen {w.extra['seen_per_s']:,.0f}/s records {w.extra['records_per_s']:,.0f}/s "
                          f"lost {w.extra['lost_per_s']:,.0f}/s cpu {w.extra['self_cpu_pct']:.1f}%")
         if "events_per_s" in w.extra:
@@ -535,11 +650,19 @@ def report(windows: list[Window], modes: list[str]) -> None:
         return f"{median_of(by[a], attr) / median_of(by[b], attr):.3f}"
 
     print("\nratios of medians (full_scans/s, and per khugepaged CPU-second):")
-    for a, b in (("khmon", "none"), ("khmon", "bpftrace"), ("bpftrace", "none")):
+    for a, b in (("khmon", "none"), ("khmon", "bpftrace"), ("daemon", "none"),
+                 ("daemon", "bpftrace"), ("bpftrace", "none")):
         if a in by and b in by:
             print(f"  {a}/{b}: {ratio(a, b, 'rate')}  (per kh-cpu-s {ratio(a, b, 'per_cpu')})")
+    ds = [w for w in by.get("daemon", []) if "daemon_cpu_pct" in w.extra]
+    if ds:
+        print(f"\ndaemon (median over its windows): events seen "
+              f"{statistics.median(w.extra['seen_per_s'] for w in ds):,.0f}/s, its CPU "
+              f"{statistics.median(w.extra['daemon_cpu_pct'] for w in ds):.1f}% of one core, "
+              f"scrape {statistics.median(w.extra['scrape_ms'] for w in ds):.1f} ms "
+              f"(max {max(w.extra['scrape_ms_max'] for w in ds):.1f} ms)")
     for m in modes:
-        ks = [w for w in by.get(m, []) if "seen_per_s" in w.extra]
+        ks = [w for w in by.get(m, []) if "records_per_s" in w.extra]
         if not ks:
             continue
 
@@ -554,15 +677,16 @@ def report(windows: list[Window], modes: list[str]) -> None:
     bt = [w.extra["events_per_s"] for w in by.get("bpftrace", []) if "events_per_s" in w.extra]
     if bt:
         print(f"bpftrace count(): median {statistics.median(bt):,.0f} events/s")
-    target = ratio("khmon", "bpftrace", "rate")
-    if any(w.cpu is not None for w in windows):
-        met = report_pinned(windows, modes)
-        if met is not None:
-            print(f"\ntarget khmon >= bpftrace on every pinned CPU: {'MET' if met else 'MISSED'} "
-                  f"(all windows pooled: khmon/bpftrace = {target})")
-    elif target != "n/a":
-        print(f"\ntarget khmon >= bpftrace: {'MET' if float(target) >= 1 else 'MISSED'} "
-              f"(khmon/bpftrace = {target})")
+    met = report_pinned(windows, modes) if any(w.cpu is not None for w in windows) else {}
+    for tracer in TRACERS:
+        target = ratio(tracer, "bpftrace", "rate")
+        if met.get(tracer) is not None:
+            print(f"\ntarget {tracer} >= bpftrace on every pinned CPU: "
+                  f"{'MET' if met[tracer] else 'MISSED'} "
+                  f"(all windows pooled: {tracer}/bpftrace = {target})")
+        elif not met and target != "n/a":
+            print(f"\ntarget {tracer} >= bpftrace: {'MET' if float(target) >= 1 else 'MISSED'} "
+                  f"({tracer}/bpftrace = {target})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -577,6 +701,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="times a flagged window is measured again (after waiting for quiet)")
     ap.add_argument("--no-bpf-stats", action="store_true", help="skip the ns/event phase")
     ap.add_argument("--cost-seconds", type=float, default=5.0)
+    ap.add_argument("--daemon-soak", type=float, default=600.0, metavar="SECONDS",
+                    help="with the daemon mode: one daemon this long after the rounds, for "
+                    "its RSS over time, CPU share and scrape durations (0: none)")
     ap.add_argument("--pin", metavar="CPUS",
                     help="pin khugepaged to each of these CPUs in turn, every round "
                     "(comma-separated, 'all', or 'auto': the first and the last); "
@@ -659,6 +786,10 @@ def main(argv: list[str] | None = None) -> int:
                 aborted = f"ABORTED: another process rewrote the knobs mid-run ({e})"
                 print(aborted)
             report(windows, modes)
+            if "daemon" in modes and args.daemon_soak > 0 and not aborted:
+                if pinned:
+                    os.sched_setaffinity(kh_pid, kh_affinity)
+                daemon_soak(args.daemon_soak)
 
             if not args.no_bpf_stats and not aborted:
                 print(f"\nin-kernel cost of the {TRACEPOINT} program "

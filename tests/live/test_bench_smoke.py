@@ -47,8 +47,8 @@ def test_overhead_benchmark_runs_and_restores() -> None:
     assert kh is not None, "no khugepaged thread"
     affinity = os.sched_getaffinity(kh)
     p = _bench("bench/overhead.py", "--rounds", "1", "--window", "1", "--pmds", "256",
-               "--modes", "none" if UNDER_TCG else "none,khmon", "--no-bpf-stats",
-               "--pin", "auto", "--quiet-timeout", "0", timeout=900)
+               "--modes", "none" if UNDER_TCG else "none,khmon,daemon", "--no-bpf-stats",
+               "--pin", "auto", "--quiet-timeout", "0", "--daemon-soak", "3", timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
     assert sysfs.read_settings() == before
     assert os.sched_getaffinity(kh) == affinity
@@ -59,6 +59,10 @@ def test_overhead_benchmark_runs_and_restores() -> None:
     hit = re.search(r"lost over whole captures: (\d+), unaccounted: (\d+)", p.stdout)
     assert hit, p.stdout[-3000:]
     assert hit.group(2) == "0"
+    # the daemon mode: its windows, and the soak's RSS and scrape lines
+    assert re.search(r"daemon \(median over its windows\): events seen [\d,]+/s", p.stdout)
+    assert re.search(r"RSS after attach [\d.]+ MiB, after \d+ s [\d.]+ MiB", p.stdout)
+    assert re.search(r"scrape \(whole response, \d+ scrapes\): median [\d.]+ ms", p.stdout)
 
 
 def test_bitmap_cost_benchmark_runs() -> None:
