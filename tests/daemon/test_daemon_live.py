@@ -10,6 +10,7 @@ SIGTERM tests start daemons of their own.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -240,3 +241,46 @@ def test_sigterm_exits_0_within_10s_and_unloads_its_programs() -> None:
     left = json.loads(subprocess.run(["bpftool", "prog", "show", "-j"], capture_output=True,
                                      text=True, check=True).stdout)
     assert not mine & {p["id"] for p in left}, "programs of the daemon still loaded"
+
+
+def _accounting(d: DaemonHandle) -> dict[str, dict[str, float]]:
+    """hits, events, lost and pending per tracepoint from one exposition."""
+    out: dict[str, dict[str, float]] = {}
+    for line in d.metrics().splitlines():
+        m = re.match(r'^khmon_(probe_hits_total|events_total|lost_events_total|events_pending)'
+                     r'\{.*tracepoint="([^"]+)".*\} (\S+)$', line)
+        if m:
+            row = out.setdefault(m.group(2), {})
+            row[m.group(1)] = row.get(m.group(1), 0.0) + float(m.group(3))
+    return out
+
+
+def test_losses_are_counted_logged_and_balance() -> None:
+    """A one-page ring buffer under khugepaged at full speed loses records: the losses are
+    counted (hits = events + lost + pending still holds), and the log says when they start
+    and when they stop."""
+    full_speed = {"enabled": "madvise", "khugepaged/scan_sleep_millisecs": "0",
+                  "khugepaged/pages_to_scan": "65536", "khugepaged/max_ptes_none": "0"}
+    with running_daemon("--ringbuf-pages", "1", "--dedup-slots", "4") as d:
+        work = Workloads([["--pmds", "512", "--pattern", "one-page", "--timeout", "0",
+                           "--hold", "600"]])
+        try:
+            with sysfs.override(full_speed):
+                work()
+                deadline = time.monotonic() + 30
+                while "losing events" not in d.stderr_text():
+                    assert time.monotonic() < deadline, d.stderr_text()
+                    time.sleep(0.2)
+        finally:
+            work.kill()
+        deadline = time.monotonic() + 60  # the loss episode ends 10 s after the last loss
+        while "no events lost for 10 s" not in d.stderr_text():
+            assert time.monotonic() < deadline, d.stderr_text()
+            time.sleep(0.5)
+        acc = _accounting(d)
+        assert sum(a["lost_events_total"] for a in acc.values()) > 0
+        for name, a in acc.items():
+            assert a["probe_hits_total"] == a["events_total"] + a["lost_events_total"] \
+                + a["events_pending"], (name, a)
+        log = d.stderr_text()
+        assert log.count("losing events") == 1 and "the in-kernel counts stay exact" in log
