@@ -256,8 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     _die_with_parent()
     sock = socket.socket(fileno=args.fd)
     stop = threading.Event()
+
+    def on_signal(*_: object) -> None:
+        stop.set()  # a capture: the main thread waits on this, then detaches
+        if args.replay is not None:  # a replay: the main thread is reading the socket
+            raise SystemExit(0)
+
     for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the UI's to handle
     try:
         if args.replay is not None:

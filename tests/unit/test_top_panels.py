@@ -36,7 +36,7 @@ def draw(text: Text, width: int = 200) -> str:
 def every_panel(rep: dict[str, Any] | None, w: int, h: int) -> list[Text]:
     r = rep or {}
     view = View()
-    rows = view.visible(process_rows(r, {}, True))
+    rows = view.visible(process_rows(r, {}))
     pmds = pmds_of(r, rows[0].pid if rows else None)
     return [panels.header(rep, {}, STATUS, True, w), panels.sparklines({}, w, h),
             panels.orders(r, {}, w, h), panels.waste(r, {}, w, h),
@@ -116,7 +116,7 @@ def test_waste_rows_and_unavailable() -> None:
 def test_processes_sorted_selected_and_na_rates() -> None:
     r = report()
     view = View()
-    rows = view.visible(process_rows(r, {}, True))
+    rows = view.visible(process_rows(r, {}))
     attempts = [x.attempts for x in rows]
     assert attempts == sorted(attempts, reverse=True)
     view.proc_key = rows[2].key
@@ -130,7 +130,7 @@ def test_processes_sorted_selected_and_na_rates() -> None:
 
 
 def test_processes_scroll_keeps_the_selection_in_view() -> None:
-    rows = View().visible(process_rows(report(processes=30), {}, True))
+    rows = View().visible(process_rows(report(processes=30), {}))
     view = View(proc_key=rows[25].key)
     text, top = panels.processes(rows, None, view, 120, 7, 0)
     assert top == 21 and str(rows[25].pid) in text.plain.splitlines()[-1]
@@ -142,7 +142,7 @@ def test_hostile_comms_are_drawn_literally_as_text(name: str) -> None:
     r["processes"][0]["comm"] = name
     for p in r["pmds"]:
         p["comm"] = name
-    rows = process_rows(r, {}, True)
+    rows = process_rows(r, {})
     view = View(proc_key=rows[0].key, level=GRID)
     pmds = pmds_of(r, rows[0].pid)
     texts = [panels.processes(rows, None, view, 160, 20, 0)[0],

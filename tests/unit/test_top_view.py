@@ -62,7 +62,7 @@ def test_selection_follows_the_process_not_the_row() -> None:
 
 def test_pmd_selection_and_rows_of_a_real_snapshot() -> None:
     r = report()
-    rs = process_rows(r, {}, True)
+    rs = process_rows(r, {})
     pmds = pmds_of(r, rs[0].pid)
     assert pmds and all(p["pid"] == rs[0].pid for p in pmds)
     v = View()
@@ -71,7 +71,8 @@ def test_pmd_selection_and_rows_of_a_real_snapshot() -> None:
     v.move_pmd(pmds, 99)
     assert v.pmd_address == pmds[-1]["address"]
     assert pmds_of(r, None) == [] and pmds_of({}, 5) == []
-    assert process_rows(r, {}, False)[0].uffd is None
+    assert process_rows(r, {})[0].uffd is not None  # function-probe data: uffd is known
+    assert process_rows({**r, "functions": {"mode": None}}, {})[0].uffd is None
 
 
 def test_window_moves_as_little_as_it_can() -> None:

@@ -168,6 +168,8 @@ class TopApp(App[int]):
         self.playing = True
         self._steps = 0  # replay steps asked for by [ and ]
         self._wake = asyncio.Event()
+        self._refetch = False  # the next fetch is for the selection, not the next frame
+        self._need = 0  # rows the order table wanted at the last layout
         self._prompt: str | None = None
         self._tops = {"procs": 0, "pmds": 0}
         self.first_paint_s: float | None = None
@@ -182,7 +184,7 @@ class TopApp(App[int]):
         loop = asyncio.get_running_loop()
         for sig, code in ((signal.SIGTERM, 143), (signal.SIGHUP, 129), (signal.SIGINT, 130)):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.add_signal_handler(sig, self.exit, code)
+                loop.add_signal_handler(sig, lambda c=code: self.exit(return_code=c))
         self._poller = asyncio.create_task(self._poll())
         self.call_after_refresh(self._painted)
 
@@ -244,7 +246,9 @@ class TopApp(App[int]):
     async def _refresh_once(self) -> None:
         step = None
         if self.source.replay:
-            step, self._steps = self._steps + (1 if self.playing else 0), 0
+            step = self._steps + (1 if self.playing and not self._refetch else 0)
+            self._steps = 0
+        self._refetch = False
         pid = self._selected_pid()
         try:
             frame = await self.source.snapshot(pid=pid, step=step,
@@ -264,9 +268,20 @@ class TopApp(App[int]):
                                       counters(frame.report), frame.cpu_s, frame.local_s))
         if not self.view.frozen:
             self.shown, self.rates = frame, rates
+            need = self._middle_need()
             self._derive()
+            if need != self._need:
+                self._need = need
+                self._relayout()
+            if self._selected_pid() != pid:  # the rows moved: ask for this one's PMDs now
+                self._refetch_now()
         await self._fetch_pmd()
         self._redraw()
+
+    def _refetch_now(self) -> None:
+        """Fetch again at once (the same replay frame), for the selected process's PMDs."""
+        self._refetch = True
+        self._wake.set()
 
     async def _fetch_pmd(self) -> None:
         """The selected PMD's full record when the snapshot does not hold it any more."""
@@ -280,15 +295,11 @@ class TopApp(App[int]):
             if rec is not None:
                 self.pmd_record = rec
 
-    def _uffd_known(self) -> bool:
-        return bool(dig(self.shown.report if self.shown else {}, "functions", "mode"))
-
     def _derive(self) -> None:
         """Rows from the shown frame and the view: once per frame or view change."""
         if self.shown is None:
             return
-        self.rows = self.view.visible(process_rows(self.shown.report, self.rates,
-                                                   self._uffd_known()))
+        self.rows = self.view.visible(process_rows(self.shown.report, self.rates))
         proc = self._selected_proc()
         self.pmd_rows = pmds_of(self.shown.report, proc.pid if proc else None)
         addrs = [p.get("address") for p in self.pmd_rows]
@@ -386,7 +397,7 @@ class TopApp(App[int]):
         if self.view.level == PROCESSES:
             self.view.move(self.rows, step)
             self._changed()
-            self._wake.set()  # the new process's PMDs come with the next snapshot
+            self._refetch_now()  # the new process's PMDs
         else:
             self.view.move_pmd(self.pmd_rows, step)
             self._changed()

@@ -22,7 +22,7 @@ import time
 from typing import IO, Any
 
 from . import panels
-from .rates import Point, RateKeeper, counters, dig
+from .rates import Point, RateKeeper, counters
 from .sources import Frame, NotReady, Source, SourceError
 from .view import View, process_rows
 
@@ -36,8 +36,7 @@ def text_block(frame: Frame, rates: dict[str, float | None], source: Source,
     r = frame.report
     status = panels.Status(source.label, source.state)
     view = View()
-    uffd = bool(dig(r, "functions", "mode"))
-    rows = view.visible(process_rows(r, rates, uffd))[:BATCH_PROCESSES]
+    rows = view.visible(process_rows(r, rates))[:BATCH_PROCESSES]
     parts = [panels.header(r, rates, status, False, width),
              panels.orders(r, rates, width, 20), panels.waste(r, rates, width, 12),
              panels.processes(rows, frame.processes_total, view, width, len(rows) + 2, 0)[0]]
@@ -66,6 +65,14 @@ async def _run(source: Source, delay: float | None, count: int | None, as_json: 
             stop.set()
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, handler)
+    try:
+        return await _loop(source, delay, count, as_json, out, err, stop, code)
+    finally:
+        await source.aclose()
+
+
+async def _loop(source: Source, delay: float | None, count: int | None, as_json: bool,
+                out: IO[str], err: IO[str], stop: asyncio.Event, code: list[int]) -> int:
     keeper = RateKeeper()
     width = shutil.get_terminal_size((160, 50)).columns
     n = 0
@@ -96,7 +103,6 @@ async def _run(source: Source, delay: float | None, count: int | None, as_json: 
                 break
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), max(0.0, wait - (time.monotonic() - started)))
-    await source.aclose()
     return code[0]
 
 

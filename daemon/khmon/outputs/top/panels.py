@@ -381,7 +381,7 @@ def waste(report: dict[str, Any], rates: dict[str, float | None], width: int,
 
 # --- processes -------------------------------------------------------------------------------
 
-PROC_WIDTHS = {"pid": 8, "comm": 16, "scans_rate": 9, "attempts_rate": 8, "scans": 11,
+PROC_WIDTHS = {"pid": 8, "comm": 24, "scans_rate": 9, "attempts_rate": 8, "scans": 11,
                "attempts": 10, "collapses": 10, "uffd": 9}
 PROC_COLS = tuple(Col(head, PROC_WIDTHS[key], numeric) for key, head, numeric in COLUMNS)
 

@@ -281,7 +281,8 @@ class ChildSource(Source):
         self.argv0 = argv0 or [sys.executable, "-m", "khmon.topfeed"]
         self.proc: subprocess.Popen[bytes] | None = None
         self.log: IO[bytes] | None = None
-        self._sock: socket.socket | None = None
+        self._sock: socket.socket | None = None  # until the connection takes it over
+        self._own: socket.socket | None = None  # the same socket, to shut down at the end
         self.state = "starting" if replay else "compiling"
         self.dead = False
 
@@ -302,7 +303,7 @@ class ChildSource(Source):
                              "check the installation (python -m khmon.topfeed)", EXIT_FAIL) from e
         finally:
             child.close()
-        self._sock = parent
+        self._sock = self._own = parent
         self.stream = f"child:{self.proc.pid}"
         return self
 
@@ -344,9 +345,11 @@ class ChildSource(Source):
                  wait: float = DETACH_WAIT_S) -> str | None:
         """Stop the child: close its socket (it stops on EOF) and send SIGTERM, then wait
         for its probes to detach, saying so when that takes over a second."""
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        if self._own is not None:  # the child stops on EOF, whoever holds the socket now
+            with contextlib.suppress(OSError):
+                self._own.shutdown(socket.SHUT_RDWR)
+            self._own.close()
+            self._own = self._sock = None
         if self.conn is not None:
             self.conn.close()
             self.conn = None

@@ -46,9 +46,11 @@ def _int(v: Any) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
-def process_rows(report: dict[str, Any], rates: dict[str, float | None],
-                 uffd_known: bool) -> list[ProcRow]:
-    """The snapshot's processes as rows (unsorted, unfiltered)."""
+def process_rows(report: dict[str, Any], rates: dict[str, float | None]) -> list[ProcRow]:
+    """The snapshot's processes as rows (unsorted, unfiltered). A process's uffd count is
+    known only where function probes read VMA flags (N/A on a tracepoint-only kernel)."""
+    funcs = report.get("functions")
+    uffd_known = isinstance(funcs, dict) and bool(funcs.get("mode") or funcs.get("pmd_scans"))
     out = []
     for p in as_list(report.get("processes")):
         if not isinstance(p, dict):
