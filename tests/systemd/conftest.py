@@ -30,7 +30,7 @@ SYSTEMD = _systemd_is_pid1()
 if not SYSTEMD and not IN_GUEST:
     collect_ignore_glob = ["test_*.py"]  # the host: PID 1 is not systemd
 
-TIMINGS: dict[str, float] = {}  # what the tests measured, in seconds
+TIMINGS: dict[str, float] = {}  # what the tests measured (each name says its unit)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -44,12 +44,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if TIMINGS:
-        terminalreporter.section("khmon.service timings")
-        for what, secs in TIMINGS.items():
-            terminalreporter.write_line(f"{what:48} {secs:7.1f} s")
+        terminalreporter.section("khmon.service measured")
+        for what, value in TIMINGS.items():
+            terminalreporter.write_line(f"{what:52} {value:8.1f}")
 
 
 @pytest.fixture(scope="session")
 def timings() -> dict[str, float]:
-    """Record a measured time: timings["what"] = seconds (printed at the end of the run)."""
+    """Record what a test measured: timings["what (unit)"] = value (printed at the end)."""
     return TIMINGS
