@@ -7,20 +7,21 @@ line, `khmon: error: <problem> (<fix>)`, and no traceback.
 
 from __future__ import annotations
 
-import json
-import signal
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, TypeVar
 
 import typer
 
 from . import __version__
 from .capture.bpfgen import ProbeConfig
+from .capture.stop import StopFlag
+from .entry import EXIT_INTERRUPTED
 from .errors import EXIT_BAD_INPUT, EXIT_FAIL, KhmonError
 from .model.model import Aggregator
+from .outputs.streams import OUTPUT_ERRNOS, out, out_json, say, stdout_failed
 from .outputs.text import render_report, render_simulation
 from .stream.recording import Reader
 
@@ -51,15 +52,20 @@ DedupOpt = Annotated[int, typer.Option("--dedup-slots", min=4, max=1 << 20,
                                        "PMDs khugepaged rescans, or repeats are sent again.")]
 
 
+def _error_line(e: KhmonError) -> int:
+    """Say the error in its one line; its exit code."""
+    say(f"khmon: error: {e}")
+    return e.exit_code
+
+
 def _guard(fn: Callable[[], T]) -> T:
     """Run a command body; turn KhmonError into one line on stderr and its exit code."""
     try:
         return fn()
     except KhmonError as e:
-        typer.echo(f"khmon: error: {e}", err=True)
-        raise typer.Exit(e.exit_code) from None
+        raise typer.Exit(_error_line(e)) from None
     except KeyboardInterrupt:
-        raise typer.Exit(130) from None
+        raise typer.Exit(EXIT_INTERRUPTED) from None  # main() says so
 
 
 def _config(pid: int, ringbuf_pages: int, dedup_slots: int) -> ProbeConfig:
@@ -68,21 +74,6 @@ def _config(pid: int, ringbuf_pages: int, dedup_slots: int) -> ProbeConfig:
             raise KhmonError(f"{opt} {n} is not a power of two", "use 64, 256, 1024 ...",
                              EXIT_BAD_INPUT)
     return ProbeConfig(ringbuf_pages=ringbuf_pages, dedup_slots=dedup_slots, filter_tgid=pid)
-
-
-class _StopFlag:
-    """SIGINT/SIGTERM end a capture cleanly: probes detached, counts drained, end written."""
-
-    def __init__(self) -> None:
-        self.stop = False
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._set)
-
-    def _set(self, *_: Any) -> None:
-        self.stop = True
-
-    def __call__(self) -> bool:
-        return self.stop
 
 
 def _capture(cfg: ProbeConfig, duration: float | None, out: Path | None,
@@ -95,8 +86,8 @@ def _capture(cfg: ProbeConfig, duration: float | None, out: Path | None,
     def on_stats(header: dict, stats: dict, written: int) -> None:
         if not last[0]:  # the first stats part: the probes are attached and running
             attached = sum(v is None for v in header["attached"].values())
-            typer.echo(f"khmon: attached to {attached} tracepoints"
-                       + (f", recording to {out}" if out else ""), err=True)
+            say(f"khmon: attached to {attached} tracepoints"
+                + (f", recording to {out}" if out else ""))
             last[0] = time.monotonic()
         if not progress or time.monotonic() - last[0] < 5:
             return
@@ -105,13 +96,16 @@ def _capture(cfg: ProbeConfig, duration: float | None, out: Path | None,
         lost = sum(stats["probe"]["lost"].values())
         where = f" -> {out} ({written} bytes)" if out else ""
         secs = (stats["mono_ns"] - header["start_mono_ns"]) / 1e9
-        typer.echo(f"khmon: {secs:.0f} s, {seen} events, {lost} lost{where}", err=True)
+        say(f"khmon: {secs:.0f} s, {seen} events, {lost} lost{where}")
 
     return capture(cfg, duration, out, should_stop, on_stats)
 
 
 def _emit(report: dict, as_json: bool, grids: int = 0) -> None:
-    typer.echo(json.dumps(report, indent=2) if as_json else render_report(report, grids))
+    if as_json:
+        out_json(report)
+    else:
+        out(render_report(report, grids))
 
 
 @app.command()
@@ -128,17 +122,20 @@ def doctor(
     from .doctor import as_json as checks_json
     from .doctor import failures, run_checks
 
-    checks = _guard(lambda: run_checks(trial=not no_trial))
-    if as_json:
-        typer.echo(json.dumps(checks_json(checks), indent=2))
-    else:
-        width = max(len(f"{c.area} {c.item}") for c in checks)
-        for c in checks:
-            typer.echo(f"{c.state.upper():5} {(c.area + ' ' + c.item).ljust(width)}  {c.detail}")
-    bad = failures(checks)
-    if bad:
-        typer.echo(f"khmon: live capture will not work: {bad[0].item}: {bad[0].detail}", err=True)
-        raise typer.Exit(EXIT_FAIL)
+    def body() -> None:
+        checks = run_checks(trial=not no_trial)
+        if as_json:
+            out_json(checks_json(checks))
+        else:
+            width = max(len(f"{c.area} {c.item}") for c in checks)
+            out("\n".join(f"{c.state.upper():5} {(c.area + ' ' + c.item).ljust(width)}  "
+                          f"{c.detail}" for c in checks))
+        bad = failures(checks)
+        if bad:
+            say(f"khmon: live capture will not work: {bad[0].item}: {bad[0].detail}")
+            raise typer.Exit(EXIT_FAIL)
+
+    _guard(body)
 
 
 @app.command()
@@ -161,13 +158,12 @@ def record(
     def body() -> None:
         cfg = _config(pid, ringbuf_pages, dedup_slots)
         if ebpf:
-            typer.echo(_generated_c(cfg))
+            out(_generated_c(cfg))
             return
-        agg, warnings = _capture(cfg, duration, output, _StopFlag(), progress=not quiet)
+        agg, warnings = _capture(cfg, duration, output, StopFlag(), progress=not quiet)
         r = agg.result(warnings)
-        typer.echo(f"khmon: recorded {sum(r['events'].values())} events "
-                   f"({r['lost_events']} lost) in {r['window']['seconds']:.1f} s to {output}",
-                   err=True)
+        say(f"khmon: recorded {sum(r['events'].values())} events ({r['lost_events']} lost) "
+            f"in {r['window']['seconds']:.1f} s to {output}")
 
     _guard(body)
 
@@ -210,11 +206,11 @@ def report(
         else:
             cfg = _config(pid, ringbuf_pages, dedup_slots)
             if ebpf:
-                typer.echo(_generated_c(cfg))
+                out(_generated_c(cfg))
                 return
-            agg, warnings = _capture(cfg, duration, None, _StopFlag(), progress=False)
+            agg, warnings = _capture(cfg, duration, None, StopFlag(), progress=False)
         for w in warnings:
-            typer.echo(f"khmon: warning: {w}", err=True)
+            say(f"khmon: warning: {w}")
         _emit(agg.result(warnings), as_json, grid)
 
     _guard(body)
@@ -275,7 +271,7 @@ def simulate(
         for part in reader.parts():
             agg.add(part)
         for w in reader.warnings:
-            typer.echo(f"khmon: warning: {w}", err=True)
+            say(f"khmon: warning: {w}")
         if not agg.pmds.active:
             raise KhmonError(f"{recording} has no per-PMD records (it was made without "
                              "function probes or pagemap samples)", "record on a kernel where "
@@ -287,7 +283,10 @@ def simulate(
         result = sim.replay(agg.pmds.records(), algo, replace(own, **given),
                             attempts_seen=agg.pmds.collapse is not None)
         result["what_if"] = sorted(given)
-        typer.echo(json.dumps(result, indent=2) if as_json else render_simulation(result))
+        if as_json:
+            out_json(result)
+        else:
+            out(render_simulation(result))
 
     _guard(body)
 
@@ -313,9 +312,9 @@ def demo(
                  "khugepaged/max_ptes_none": "255"}
         work = Workloads([["--pmds", str(pmds), "--pattern", "full"],
                           ["--pmds", str(pmds), "--pattern", "first-half", "--full-scans", "3"]])
-        stop = _StopFlag()
-        typer.echo(f"khmon demo: capturing while two workloads of {pmds} x 2 MiB run "
-                   "(khugepaged scan_sleep 100 ms) ...", err=True)
+        stop = StopFlag()
+        say(f"khmon demo: capturing while two workloads of {pmds} x 2 MiB run "
+            "(khugepaged scan_sleep 100 ms) ...")
         try:
             with override(knobs):
                 agg, warnings = _capture(ProbeConfig(), 90, None, lambda: work() or stop(),
@@ -326,8 +325,7 @@ def demo(
         if as_json:
             _emit(r, True)
             return
-        typer.echo(render_report(r))
-        typer.echo("\n" + _demo_story(r, work.results(), pmds))
+        out(render_report(r) + "\n\n" + _demo_story(r, work.results(), pmds))
 
     _guard(body)
 
@@ -373,7 +371,7 @@ def _generated_c(cfg: ProbeConfig) -> str:
 
 def version_callback(value: bool) -> None:
     if value:
-        typer.echo(f"khmon {__version__}")
+        _guard(lambda: out(f"khmon {__version__}"))
         raise typer.Exit()
 
 
@@ -392,14 +390,27 @@ def main() -> None:
         sys.argv.append("--help")
     try:
         code = app(standalone_mode=False)
-    except typer.Abort:
-        sys.exit(130)
+    except (KeyboardInterrupt, typer.Abort):  # before click runs; click's EOF on a prompt
+        code = EXIT_INTERRUPTED
+    except OSError as e:
+        # Only click's own output (--help) gets here: khmon's goes through outputs.streams,
+        # and its reads turn OSError into KhmonError where they happen.
+        if e.errno not in OUTPUT_ERRNOS:
+            raise
+        try:
+            stdout_failed(e)
+        except KhmonError as err:
+            sys.exit(_error_line(err))
     except Exception as e:
         # Click's exceptions (typer vendors click, so match by shape, not by class).
         if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):
             raise
         ctx = getattr(e, "ctx", None)
         cmd = ctx.command_path if ctx is not None else "khmon"
-        typer.echo(f"khmon: error: {e.format_message()} (see {cmd} --help)", err=True)
+        say(f"khmon: error: {e.format_message()} (see {cmd} --help)")
         sys.exit(e.exit_code)
+    if code == EXIT_INTERRUPTED:
+        # A Ctrl-C outside a capture's window: while click parses (typer turns it into exit
+        # 130 silently) or in a command (_guard). A capture itself ends cleanly instead.
+        say("khmon: interrupted")
     sys.exit(code if isinstance(code, int) else 0)

@@ -9,33 +9,17 @@ from __future__ import annotations
 import json
 import re
 import struct
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
 import pytest
+from khcli import khmon
+from khcli import one_error_line as _one_error_line
 from khdata import by_name, capture_header, layouts, pack, stats_meta
 
 from khmon.stream.recording import Part, Writer
 
-_SCRIPT = Path(sys.executable).parent / "khmon"
-KHMON = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-c",
-                                                  "from khmon.cli import main; main()"]
 MAGIC = b"\x89KHMON\r\n\x1a\n"
-
-
-def khmon(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*KHMON, *map(str, args)], capture_output=True, text=True,
-                          timeout=60, stdin=subprocess.DEVNULL)
-
-
-def _one_error_line(p: subprocess.CompletedProcess[str]) -> str:
-    assert "Traceback" not in p.stderr
-    lines = p.stderr.splitlines()
-    assert len(lines) == 1, p.stderr
-    assert lines[0].startswith("khmon: error: ")
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
