@@ -68,12 +68,33 @@ def render_report(r: dict[str, Any], grids: int = 0) -> str:
     lines += ["", "kernel counters, change over the window (zero ones omitted; all in --json)"]
     lines += _table(["counter", "delta"], [[n, v] for n, v in delta.items()]) if delta else [
         "  none"]
-    unacc = {n: a["unaccounted"] for n, a in acc.items() if a["unaccounted"]}
-    lines += ["", f"lost events: {r['lost_events']}"
-              + (f"; unaccounted: {unacc}" if unacc else
-                 " (every event the probes saw is in the counts or counted as lost)")]
+    lines += ["", *_lost(r)]
     lines += [f"warning: {wmsg}" for wmsg in r["warnings"]]
     return "\n".join(lines)
+
+
+def _lost(r: dict[str, Any]) -> list[str]:
+    """Lost events, and what the probes' counts say where seen != recorded + lost.
+
+    A complete window balances for every tracepoint (the end part comes after the drain).
+    A recording cut short ends its counters at its last stats part, while records kept
+    arriving after it and the kernel still held some at the cut: there the difference is
+    said for what it is, not claimed to be zero."""
+    unacc = {n: a["unaccounted"] for n, a in r["accounting"].items() if a["unaccounted"]}
+    if r["window"]["complete"]:
+        head = f"lost events: {r['lost_events']}" + (
+            "; the probes' counts do not balance:" if unacc else
+            " (every event the probes saw is in the counts or counted as lost)")
+        more = "seen by the probes but neither in the counts nor counted as lost"
+        fewer = "in the counts beyond what the probes saw"
+    else:
+        head = (f"lost events: {r['lost_events']} by the last stats part, at "
+                f"{r['window']['seconds']:.1f} s; after it unknown (the recording was cut "
+                "short, see the warning)" + (":" if unacc else ""))
+        more = "seen by the probes by then that never reached the recording (lost in the cut)"
+        fewer = "recorded beyond what the probes had seen by then (events after it)"
+    return [head, *(f"  {name}: {abs(n)} {more if n > 0 else fewer}"
+                    for name, n in unacc.items())]
 
 
 def _functions(f: dict[str, Any]) -> list[str]:
