@@ -7,6 +7,7 @@ line, `khmon: error: <problem> (<fix>)`, and no traceback.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -18,12 +19,14 @@ import typer
 from . import __version__
 from .capture.bpfgen import ProbeConfig
 from .capture.stop import StopFlag
+from .capture.target import Target
 from .entry import EXIT_INTERRUPTED
 from .errors import EXIT_BAD_INPUT, EXIT_FAIL, KhmonError
+from .kernel.privilege import require_capture
 from .model.model import Aggregator
 from .outputs.streams import OUTPUT_ERRNOS, out, out_json, say, stdout_failed
 from .outputs.text import render_report, render_simulation
-from .stream.recording import Reader
+from .stream.recording import Reader, check_output
 
 app = typer.Typer(
     add_completion=False,
@@ -37,14 +40,21 @@ app = typer.Typer(
 
 T = TypeVar("T")
 
-PidOpt = Annotated[int, typer.Option("--pid", "-p", min=0,
+# Pids are below pid_max, and pid_max is at most PID_MAX_LIMIT (4194304 on 64-bit kernels).
+PID_MAX = 4194304 - 1
+PidOpt = Annotated[int, typer.Option("--pid", "-p", min=0, max=PID_MAX,
                                      help="Only events whose mm belongs to this process "
                                      "(or collapsed by one of its threads); 0: all.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of text.")]
 EbpfOpt = Annotated[bool, typer.Option("--ebpf", hidden=True,
                                        help="Print the generated BPF C and exit.")]
-RingOpt = Annotated[int, typer.Option("--ringbuf-pages", min=1,
-                                      help="Ring buffer size in pages (a power of two).")]
+# The ring buffer's size in bytes is the map's max_entries, a u32 the kernel wants a power of
+# two: 2^31 bytes, 524288 pages of 4 KiB, is the largest it can be.
+RINGBUF_MAX_PAGES = (1 << 31) // 4096
+RingOpt = Annotated[int, typer.Option("--ringbuf-pages", min=1, max=RINGBUF_MAX_PAGES,
+                                      help="Ring buffer size in pages (a power of two, at most "
+                                      "524288: 2 GiB, the largest power of two a BPF map's "
+                                      "u32 size holds).")]
 # At least one set of 4 ways (bpf/khmon.bpf.c); at most 16 MiB of slots per CPU and event.
 DedupOpt = Annotated[int, typer.Option("--dedup-slots", min=4, max=1 << 20,
                                        help="Dedup slots per CPU for each scan event (a power "
@@ -56,6 +66,13 @@ def _error_line(e: KhmonError) -> int:
     """Say the error in its one line; its exit code."""
     say(f"khmon: error: {e}")
     return e.exit_code
+
+
+def _finite(value: float | None) -> float | None:
+    """click's FloatRange lets nan and inf through (every comparison with nan is false)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number of seconds")
+    return value
 
 
 def _guard(fn: Callable[[], T]) -> T:
@@ -78,7 +95,9 @@ def _config(pid: int, ringbuf_pages: int, dedup_slots: int) -> ProbeConfig:
 
 def _capture(cfg: ProbeConfig, duration: float | None, out: Path | None,
              should_stop: Callable[[], bool], progress: bool) -> tuple[Aggregator, list[str]]:
-    """session.capture with a progress line on stderr every 5 s."""
+    """live.capture with a progress line on stderr every 5 s. A -p PID that is not a
+    running process is warned about before the compile, and (in the warnings, which the
+    commands list at the end) after it if that process never appeared."""
     from .capture.live import capture
 
     last = [0.0]
@@ -98,7 +117,13 @@ def _capture(cfg: ProbeConfig, duration: float | None, out: Path | None,
         secs = (stats["mono_ns"] - header["start_mono_ns"]) / 1e9
         say(f"khmon: {secs:.0f} s, {seen} events, {lost} lost{where}")
 
-    return capture(cfg, duration, out, should_stop, on_stats)
+    target = Target(cfg.filter_tgid) if cfg.filter_tgid else None
+    early = target.at_start() if target else None
+    if early:
+        say(f"khmon: warning: {early}")
+    agg, warnings = capture(cfg, duration, out, should_stop, on_stats)
+    late = target.at_end(agg.result(warnings)) if target and early else None
+    return agg, [w for w in (early, *warnings, late) if w]
 
 
 def _emit(report: dict, as_json: bool, grids: int = 0) -> None:
@@ -142,12 +167,16 @@ def doctor(
 def record(
     output: Annotated[Path, typer.Option("--output", "-o", help="Recording file to write.")],
     duration: Annotated[float | None, typer.Option("--duration", "-d", min=0.1,
+                                                   callback=_finite,
                                                    help="Seconds to record (default: until "
-                                                   "Ctrl-C or SIGTERM).")] = None,
+                                                   "Ctrl-C, SIGTERM or SIGHUP).")] = None,
     pid: PidOpt = 0,
     ringbuf_pages: RingOpt = 1024,
     dedup_slots: DedupOpt = 32768,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing recording file "
+                                        "(a new file: a report reading the old one keeps it).")]
+    = False,
     ebpf: EbpfOpt = False,
 ) -> None:
     """Record khugepaged events to a file for `khmon report FILE`.
@@ -160,8 +189,12 @@ def record(
         if ebpf:
             out(_generated_c(cfg))
             return
+        require_capture()  # first: without privileges, a path check would mislead
+        check_output(output, force)  # before the compile, which takes seconds
         agg, warnings = _capture(cfg, duration, output, StopFlag(), progress=not quiet)
         r = agg.result(warnings)
+        for w in warnings:
+            say(f"khmon: warning: {w}")
         say(f"khmon: recorded {sum(r['events'].values())} events ({r['lost_events']} lost) "
             f"in {r['window']['seconds']:.1f} s to {output}")
 
@@ -174,7 +207,7 @@ def report(
     = None,
     live: Annotated[bool, typer.Option("--live", help="Capture live instead of reading a file.")]
     = False,
-    duration: Annotated[float, typer.Option("--duration", "-d", min=0.1,
+    duration: Annotated[float, typer.Option("--duration", "-d", min=0.1, callback=_finite,
                                             help="Seconds of live capture.")] = 10.0,
     pid: PidOpt = 0,
     as_json: JsonOpt = False,
@@ -280,9 +313,19 @@ def simulate(
         given = {k: v for k, v in (("orders", chosen), ("max_ptes_none", max_ptes_none),
                                    ("max_ptes_swap", max_ptes_swap),
                                    ("max_ptes_shared", max_ptes_shared)) if v is not None}
-        result = sim.replay(agg.pmds.records(), algo, replace(own, **given),
+        settings = replace(own, **given)
+        records = agg.pmds.records()
+        result = sim.replay(records, algo, settings,
                             attempts_seen=agg.pmds.collapse is not None)
+        if not result["passes"]:
+            raise KhmonError(f"{recording} has nothing to replay: " + (
+                f"none of its {len(records)} PMD records has a bitmap" if records else
+                "no scan in it named a PMD whose PTEs could be read"),
+                "record while a workload gives khugepaged PMDs to scan", EXIT_BAD_INPUT)
         result["what_if"] = sorted(given)
+        result["warnings"] = [w for w in [sim.unhonoured_max_ptes_none(algo, settings)] if w]
+        for w in result["warnings"]:
+            say(f"khmon: warning: {w}")
         if as_json:
             out_json(result)
         else:
