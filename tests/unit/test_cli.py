@@ -163,27 +163,77 @@ def _frame(kind: bytes, payload: bytes) -> bytes:
     return struct.pack("<BII", kind[0], len(payload), zlib.crc32(payload)) + payload
 
 
+def _header(**changes: object) -> bytes:
+    h = {"version": 1, **capture_header("6.18", "6.18.44")}
+    for key, value in changes.items():
+        h[key] = value
+    return _frame(b"H", json.dumps(h).encode())
+
+
 def _crafted(case: str) -> bytes:
     head = MAGIC + b"\x01\x00"
-    good = json.dumps({"version": 1, **capture_header("6.18", "6.18.44")}).encode()
+    good = _header()
+    events = capture_header("6.18", "6.18.44")["events"]
     return {
         "header without events": head + _frame(b"H", b"{}"),
         "header not an object": head + _frame(b"H", b"[1]"),
-        "record part for event 99": head + _frame(b"H", good) + _frame(b"R", b"\x63\x00"
-                                                                       + bytes(80)),
-        "record part not a whole number of records": head + _frame(b"H", good)
+        "record part for event 99": head + good + _frame(b"R", b"\x63\x00" + bytes(80)),
+        "record part not a whole number of records": head + good
         + _frame(b"R", b"\x00\x00" + bytes(81)),
+        # issue 10, item 5: each of these was a traceback and exit 1
+        "kernel.release a number": head + _header(kernel={"release": 6.18}),
+        "options not an object": head + _header(options=[0]),
+        "counters not numbers": head + _header(counters={"thp_collapse_alloc": "ten"}),
+        "an empty raw_args": head + _header(events=[{**events[0], "raw_args": []},
+                                                    *events[1:]]),
+        "stats part a list": head + good + _frame(b"S", b"[]"),
+        "stats part without mono_ns": head + good + _frame(b"S", b'{"probe": {}}'),
+        "pages part without its bitmaps": head + good + _frame(b"P", b'{"mm": 1}'),
+        "deeply nested JSON": head + good + _frame(b"S", b"[" * 50000 + b"]" * 50000),
+        "a header version khmon does not know": head + _header(version=2),
     }[case]
 
 
-@pytest.mark.parametrize("case", ["header without events", "header not an object",
-                                  "record part for event 99",
-                                  "record part not a whole number of records"])
-def test_malformed_but_intact_recording_exits_2(tmp_path: Path, case: str) -> None:
+@pytest.mark.parametrize(("case", "says"), [
+    ("header without events", "it has no 'version'"),
+    ("header not an object", "it is a list, not an object"),
+    ("record part for event 99", "records of event 99 do not fit its layout"),
+    ("record part not a whole number of records", "records of event 0 do not fit"),
+    ("kernel.release a number", "kernel.release is a number, not a string"),
+    ("options not an object", "options is a list, not an object"),
+    ("counters not numbers", "counters.thp_collapse_alloc is a string, not an integer"),
+    ("an empty raw_args", "events[0].raw_args is a list, not a non-empty list"),
+    ("stats part a list", "the stats part at byte"),
+    ("stats part without mono_ns", "it has no 'mono_ns'"),
+    ("pages part without its bitmaps", "the pages part at byte"),
+    ("deeply nested JSON", "(bad JSON)"),
+    ("a header version khmon does not know", "header version 2; this khmon reads version 1"),
+])
+def test_malformed_but_intact_recording_exits_2(tmp_path: Path, case: str, says: str) -> None:
     f = tmp_path / "crafted.khrec"
     f.write_bytes(_crafted(case))
     p = khmon("report", f)
     assert p.returncode == 2
+    assert says in _one_error_line(p)
+
+
+def test_a_damaged_length_is_not_a_cut(recording: Path, tmp_path: Path) -> None:
+    """One flipped bit in the stats part's length made `report` say "cut short" and exit 0,
+    dropping the intact parts after it (issue 10, item 4)."""
+    data = bytearray(recording.read_bytes())
+    (header_len,) = struct.unpack_from("<I", data, len(MAGIC) + 3)
+    records_at = len(MAGIC) + 2 + 9 + header_len  # the R part, then the S part
+    (records_len,) = struct.unpack_from("<I", data, records_at + 1)
+    at = records_at + 9 + records_len
+    assert data[at] == ord("S")
+    data[at + 3] ^= 0x10  # bit 20 of its length
+    bad = tmp_path / "damaged.khrec"
+    bad.write_bytes(bytes(data))
+    p = khmon("report", bad)
+    assert p.returncode == 2
+    line = _one_error_line(p)
+    assert f"corrupt recording at byte {at}: its stats part claims" in line
+    assert "a damaged length field" in line
     _one_error_line(p)
 
 

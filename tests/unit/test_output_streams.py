@@ -63,6 +63,9 @@ def test_names_are_escaped_in_text(recording: Path, args: list[str]) -> None:
     assert "\x1b" not in p.stdout and "\x07" not in p.stdout
     if args[0] == "report":
         assert "\\x1b]0;owned\\x07[/]\\\\" in p.stdout
+        lines = p.stdout.splitlines()
+        head = lines.index("processes (owner of the scanned mm)") + 1
+        assert len(lines[head]) == len(lines[head + 1])  # the escaped name keeps its column
 
 
 def test_json_keeps_the_real_name(recording: Path) -> None:

@@ -7,15 +7,20 @@ import string
 from typing import Any
 
 from ..model.correlate import bitmap_bits
+from .escape import printable
 
 
 def _table(headers: list[str], rows: list[list[Any]], indent: str = "  ") -> list[str]:
+    """Aligned columns. Widths are those the cells will have on the terminal, escaped
+    (outputs.streams escapes every line it prints), so a process name holding control
+    characters does not push its row out of line."""
     cells = [headers, *[[str(c) for c in r] for r in rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    shown = [[len(printable(c)) for c in r] for r in cells]
+    widths = [max(r[i] for r in shown) for i in range(len(headers))]
     out = []
-    for r in cells:
-        parts = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:],
-                                                                        strict=True)]
+    for r, n in zip(cells, shown, strict=True):
+        parts = [r[0] + " " * (widths[0] - n[0])]
+        parts += [" " * (w - k) + c for c, k, w in zip(r[1:], n[1:], widths[1:], strict=True)]
         out.append(indent + "  ".join(parts).rstrip())
     return out
 
