@@ -131,3 +131,16 @@ def test_ctrl_c_while_compiling(tmp_path: Path) -> None:
         else:
             assert err.splitlines() == ["khmon: interrupted"] or err.startswith(
                 "khmon: interrupted while starting"), err
+
+
+def test_a_recording_through_a_pipe() -> None:
+    """`khmon record -o - | khmon report -`: a recording is a stream both ways."""
+    rec = subprocess.Popen([*KHMON, "record", "-o", "-", "--duration", "2", "--quiet"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    rep = subprocess.run([*KHMON, "report", "-", "--json"], stdin=rec.stdout,
+                         capture_output=True, text=True, timeout=300)
+    assert rec.stdout is not None
+    rec.stdout.close()
+    assert rec.wait(timeout=60) == 0
+    assert rep.returncode == 0 and rep.stderr == "", rep.stderr
+    assert json.loads(rep.stdout)["window"]["complete"] is True

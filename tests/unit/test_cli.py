@@ -10,6 +10,7 @@ import json
 import os
 import re
 import struct
+import subprocess
 import zlib
 from pathlib import Path
 
@@ -453,3 +454,20 @@ def test_simulate_says_what_mthp_makes_of_max_ptes_none(tmp_path: Path, args: li
     assert line.startswith("khmon: warning: max_ptes_none 7: mTHP collapse honours only 0 "
                            "and 511") and warned in line
     assert r["warnings"] == [line.removeprefix("khmon: warning: ")]
+
+
+@needs_root
+def test_no_binary_recording_to_a_terminal() -> None:
+    """`-o -` is standard output, for `| khmon report -`; a terminal is refused before the
+    compile."""
+    import pty
+
+    leader, follower = pty.openpty()
+    try:
+        p = khmon("record", "-o", "-", "--duration", "1", stdout=follower,
+                  stderr=subprocess.PIPE)
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert p.returncode == 2
+    assert "-o -: standard output is a terminal" in _one_error_line(p)

@@ -55,7 +55,7 @@ from .frames import (
 from .layout import EventLayout
 from .liveness import running_recorder
 
-STDIN = "-"
+STDIO = "-"  # as FILE: standard input for a Reader, standard output for a Writer
 
 
 @dataclass
@@ -72,7 +72,10 @@ class Part:
 def _create(path: Path) -> BinaryIO:
     """Open `path` for a new recording. A regular file there is replaced (unlinked, then
     created anew), never truncated in place: a `khmon report` still reading the old file
-    keeps reading it whole. A device, a FIFO or a symlink is opened as it is."""
+    keeps reading it whole. A device, a FIFO or a symlink is opened as it is; `-` is
+    standard output."""
+    if str(path) == STDIO:
+        return os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -93,6 +96,12 @@ def check_output(path: Path, replace: bool) -> None:
     def bad(problem: str, fix: str) -> KhmonError:
         return KhmonError(f"-o {path}: {problem}", fix, EXIT_BAD_INPUT)
 
+    if str(path) == STDIO:
+        if sys.stdout is None or sys.stdout.isatty():
+            raise bad("standard output is " + ("closed" if sys.stdout is None else
+                                               "a terminal, not a place for binary data"),
+                      "send it on: -o - > FILE, or -o - | khmon report -")
+        return
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -123,13 +132,15 @@ class Writer:
 
     def __init__(self, path: Path, header: dict) -> None:
         self.path = path
+        self.name = "standard output" if str(path) == STDIO else str(path)
         self.bytes_written = 0
         self._header_written = False
         try:
             self._f: BinaryIO = _create(path)
             self._regular = stat.S_ISREG(os.fstat(self._f.fileno()).st_mode)
         except OSError as e:
-            raise KhmonError(f"cannot create {path}: {e.strerror}", "choose a writable path") from e
+            raise KhmonError(f"cannot create {self.name}: {e.strerror}",
+                             "choose a writable path") from e
         self._write(MAGIC + struct.pack("<H", VERSION))
         self.frame(HEADER, json.dumps({"version": VERSION, **header}).encode())
         self._header_written = True
@@ -142,11 +153,10 @@ class Writer:
             if not self._header_written:
                 kept = "nothing readable was written"
             elif self._regular:
-                kept = (f"its first {self.bytes_written} bytes read as a recording cut short "
-                        f"(khmon report {self.path})")
+                kept = f"its first {self.bytes_written} bytes read as a recording cut short"
             else:
                 kept = f"{self.bytes_written} bytes went out before it"
-            raise KhmonError(f"cannot write {self.path}: {e.strerror}; {kept}",
+            raise KhmonError(f"cannot write {self.name}: {e.strerror}; {kept}",
                              "free disk space and record again") from e
         self.bytes_written += len(data)
 
@@ -178,7 +188,7 @@ def _a(noun: str) -> str:
 
 
 def _open(path: Path) -> BinaryIO:
-    if str(path) == STDIN:
+    if str(path) == STDIO:
         return sys.stdin.buffer
     try:
         # Unbuffered: parts are read whole, one read each, and a buffer would hide a file
@@ -198,7 +208,7 @@ class Reader:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.name = "standard input" if str(path) == STDIN else str(path)
+        self.name = "standard input" if str(path) == STDIO else str(path)
         self.warnings: list[str] = []
         self.complete = False
         self.layouts: list[EventLayout] = []
