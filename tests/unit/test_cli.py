@@ -471,3 +471,21 @@ def test_no_binary_recording_to_a_terminal() -> None:
         os.close(follower)
     assert p.returncode == 2
     assert "-o -: standard output is a terminal" in _one_error_line(p)
+
+
+def test_a_cut_recording_does_not_claim_its_lost_events(recording: Path, tmp_path: Path) -> None:
+    """Cut after its stats part: lost events are known up to it and not after, and counts
+    that do not balance are said in words (they printed 'lost events: 0 (every event the
+    probes saw is in the counts ...)', and a Python dict; issue 10, item 13)."""
+    cut = tmp_path / "cut.khrec"
+    cut.write_bytes(recording.read_bytes()[:-7])  # inside the E part
+    p = khmon("report", cut)
+    assert p.returncode == 0
+    assert "every event the probes saw" not in p.stdout and "{" not in p.stdout
+    assert ("lost events: 0 by the last stats part, at 1.0 s; after it unknown (the recording "
+            "was cut short, see the warning):\n"
+            "  mm_collapse_huge_page: 3 recorded beyond what the probes had seen by then "
+            "(events after it)\n") in p.stdout
+    (warning,) = p.stderr.splitlines()
+    assert warning.startswith("khmon: warning: recording cut short: the last ")
+    assert "how many events the cut lost cannot be known" in warning
