@@ -1,5 +1,5 @@
 """`python -m khmon` runs the khmon command line."""
 
-from .cli import main
+from .entry import main
 
 main()

@@ -7,25 +7,29 @@ line, `khmon: error: <problem> (<fix>)`, and no traceback.
 
 from __future__ import annotations
 
-import json
-import signal
+import math
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, TypeVar
 
 import typer
 
 from . import __version__
 from .capture.bpfgen import ProbeConfig
+from .capture.stop import StopFlag
+from .capture.target import Target
 from .daemon import DEFAULT_SOCKET
 from .daemon import command as daemon_command
+from .entry import EXIT_INTERRUPTED
 from .errors import EXIT_BAD_INPUT, EXIT_FAIL, KhmonError
+from .kernel.privilege import require_capture
 from .model.model import Model
+from .outputs.streams import OUTPUT_ERRNOS, out, out_json, say, stdout_failed
 from .outputs.text import render_report, render_simulation
 from .pipeline import replay
-from .stream.recording import Reader
+from .stream.recording import Reader, check_output
 
 app = typer.Typer(
     add_completion=False,
@@ -39,14 +43,21 @@ app = typer.Typer(
 
 T = TypeVar("T")
 
-PidOpt = Annotated[int, typer.Option("--pid", "-p", min=0,
+# Pids are below pid_max, and pid_max is at most PID_MAX_LIMIT (4194304 on 64-bit kernels).
+PID_MAX = 4194304 - 1
+PidOpt = Annotated[int, typer.Option("--pid", "-p", min=0, max=PID_MAX,
                                      help="Only events whose mm belongs to this process "
                                      "(or collapsed by one of its threads); 0: all.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of text.")]
 EbpfOpt = Annotated[bool, typer.Option("--ebpf", hidden=True,
                                        help="Print the generated BPF C and exit.")]
-RingOpt = Annotated[int, typer.Option("--ringbuf-pages", min=1,
-                                      help="Ring buffer size in pages (a power of two).")]
+# The ring buffer's size in bytes is the map's max_entries, a u32 the kernel wants a power of
+# two: 2^31 bytes, 524288 pages of 4 KiB, is the largest it can be.
+RINGBUF_MAX_PAGES = (1 << 31) // 4096
+RingOpt = Annotated[int, typer.Option("--ringbuf-pages", min=1, max=RINGBUF_MAX_PAGES,
+                                      help="Ring buffer size in pages (a power of two, at most "
+                                      "524288: 2 GiB, the largest power of two a BPF map's "
+                                      "u32 size holds).")]
 # At least one set of 4 ways (bpf/khmon.bpf.c); at most 16 MiB of slots per CPU and event.
 DedupOpt = Annotated[int, typer.Option("--dedup-slots", min=4, max=1 << 20,
                                        help="Dedup slots per CPU for each scan event (a power "
@@ -54,15 +65,27 @@ DedupOpt = Annotated[int, typer.Option("--dedup-slots", min=4, max=1 << 20,
                                        "PMDs khugepaged rescans, or repeats are sent again.")]
 
 
+def _error_line(e: KhmonError) -> int:
+    """Say the error in its one line; its exit code."""
+    say(f"khmon: error: {e}")
+    return e.exit_code
+
+
+def _finite(value: float | None) -> float | None:
+    """click's FloatRange lets nan and inf through (every comparison with nan is false)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number of seconds")
+    return value
+
+
 def _guard(fn: Callable[[], T]) -> T:
     """Run a command body; turn KhmonError into one line on stderr and its exit code."""
     try:
         return fn()
     except KhmonError as e:
-        typer.echo(f"khmon: error: {e}", err=True)
-        raise typer.Exit(e.exit_code) from None
+        raise typer.Exit(_error_line(e)) from None
     except KeyboardInterrupt:
-        raise typer.Exit(130) from None
+        raise typer.Exit(EXIT_INTERRUPTED) from None  # main() says so
 
 
 def _config(pid: int, ringbuf_pages: int, dedup_slots: int) -> ProbeConfig:
@@ -73,31 +96,23 @@ def _config(pid: int, ringbuf_pages: int, dedup_slots: int) -> ProbeConfig:
     return ProbeConfig(ringbuf_pages=ringbuf_pages, dedup_slots=dedup_slots, filter_tgid=pid)
 
 
-class _StopFlag:
-    """SIGINT/SIGTERM end a capture cleanly: probes detached, counts drained, end written."""
-
-    def __init__(self) -> None:
-        self.stop = False
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._set)
-
-    def _set(self, *_: Any) -> None:
-        self.stop = True
-
-    def __call__(self) -> bool:
-        return self.stop
-
-
 def _capture(cfg: ProbeConfig, duration: float | None, out: Path | None,
              should_stop: Callable[[], bool], progress: bool) -> tuple[Model, list[str]]:
-    """A live capture (khmon.pipeline) with a progress line on stderr every 5 s."""
+    """A live capture (khmon.pipeline: capture, decode and model on a worker thread) with a
+    progress line on stderr every 5 s. A -p PID that is not a running process is warned
+    about before the compile, and (in the warnings, which the commands list at the end)
+    after it if that process never appeared."""
     from .capture.live import LiveCapture
     from .pipeline import LivePipeline
 
+    target = Target(cfg.filter_tgid) if cfg.filter_tgid else None
+    early = target.at_start() if target else None
+    if early:
+        say(f"khmon: warning: {early}")
+
     run = LivePipeline(LiveCapture(cfg), duration, out)
     attached = sum(v is None for v in run.header["attached"].values())
-    typer.echo(f"khmon: attached to {attached} tracepoints"
-               + (f", recording to {out}" if out else ""), err=True)
+    say(f"khmon: attached to {attached} tracepoints" + (f", recording to {out}" if out else ""))
     last = [time.monotonic()]
 
     def on_tick(r: LivePipeline) -> None:
@@ -109,15 +124,19 @@ def _capture(cfg: ProbeConfig, duration: float | None, out: Path | None,
         seen = sum(a["seen"] for a in acc.values())
         lost = snap.report["lost_events"]
         where = f" -> {out} ({r.writer.bytes_written} bytes)" if r.writer is not None else ""
-        typer.echo(f"khmon: {snap.report['window']['seconds']:.0f} s, {seen} events, "
-                   f"{lost} lost{where}", err=True)
+        say(f"khmon: {snap.report['window']['seconds']:.0f} s, {seen} events, {lost} lost{where}")
 
     model = run.start().wait(should_stop, on_tick=on_tick)
-    return model, run.warnings
+    warnings = run.warnings
+    late = target.at_end(model.report(warnings)) if target and early else None
+    return model, [w for w in (early, *warnings, late) if w]
 
 
 def _emit(report: dict, as_json: bool, grids: int = 0) -> None:
-    typer.echo(json.dumps(report, indent=2) if as_json else render_report(report, grids))
+    if as_json:
+        out_json(report)
+    else:
+        out(render_report(report, grids))
 
 
 @app.command()
@@ -134,29 +153,36 @@ def doctor(
     from .doctor import as_json as checks_json
     from .doctor import failures, run_checks
 
-    checks = _guard(lambda: run_checks(trial=not no_trial))
-    if as_json:
-        typer.echo(json.dumps(checks_json(checks), indent=2))
-    else:
-        width = max(len(f"{c.area} {c.item}") for c in checks)
-        for c in checks:
-            typer.echo(f"{c.state.upper():5} {(c.area + ' ' + c.item).ljust(width)}  {c.detail}")
-    bad = failures(checks)
-    if bad:
-        typer.echo(f"khmon: live capture will not work: {bad[0].item}: {bad[0].detail}", err=True)
-        raise typer.Exit(EXIT_FAIL)
+    def body() -> None:
+        checks = run_checks(trial=not no_trial)
+        if as_json:
+            out_json(checks_json(checks))
+        else:
+            width = max(len(f"{c.area} {c.item}") for c in checks)
+            out("\n".join(f"{c.state.upper():5} {(c.area + ' ' + c.item).ljust(width)}  "
+                          f"{c.detail}" for c in checks))
+        bad = failures(checks)
+        if bad:
+            say(f"khmon: live capture will not work: {bad[0].item}: {bad[0].detail}")
+            raise typer.Exit(EXIT_FAIL)
+
+    _guard(body)
 
 
 @app.command()
 def record(
     output: Annotated[Path, typer.Option("--output", "-o", help="Recording file to write.")],
     duration: Annotated[float | None, typer.Option("--duration", "-d", min=0.1,
+                                                   callback=_finite,
                                                    help="Seconds to record (default: until "
-                                                   "Ctrl-C or SIGTERM).")] = None,
+                                                   "Ctrl-C, SIGTERM or SIGHUP).")] = None,
     pid: PidOpt = 0,
     ringbuf_pages: RingOpt = 1024,
     dedup_slots: DedupOpt = 32768,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing recording file "
+                                        "(a new file: a report reading the old one keeps it).")]
+    = False,
     ebpf: EbpfOpt = False,
 ) -> None:
     """Record khugepaged events to a file for `khmon report FILE`.
@@ -167,13 +193,16 @@ def record(
     def body() -> None:
         cfg = _config(pid, ringbuf_pages, dedup_slots)
         if ebpf:
-            typer.echo(_generated_c(cfg))
+            out(_generated_c(cfg))
             return
-        model, warnings = _capture(cfg, duration, output, _StopFlag(), progress=not quiet)
+        require_capture()  # first: without privileges, a path check would mislead
+        check_output(output, force)  # before the compile, which takes seconds
+        model, warnings = _capture(cfg, duration, output, StopFlag(), progress=not quiet)
         r = model.report(warnings)
-        typer.echo(f"khmon: recorded {sum(r['events'].values())} events "
-                   f"({r['lost_events']} lost) in {r['window']['seconds']:.1f} s to {output}",
-                   err=True)
+        for w in warnings:
+            say(f"khmon: warning: {w}")
+        say(f"khmon: recorded {sum(r['events'].values())} events ({r['lost_events']} lost) "
+            f"in {r['window']['seconds']:.1f} s to {output}")
 
     _guard(body)
 
@@ -184,7 +213,7 @@ def report(
     = None,
     live: Annotated[bool, typer.Option("--live", help="Capture live instead of reading a file.")]
     = False,
-    duration: Annotated[float, typer.Option("--duration", "-d", min=0.1,
+    duration: Annotated[float, typer.Option("--duration", "-d", min=0.1, callback=_finite,
                                             help="Seconds of live capture.")] = 10.0,
     pid: PidOpt = 0,
     as_json: JsonOpt = False,
@@ -222,11 +251,11 @@ def report(
         else:
             cfg = _config(pid, ringbuf_pages, dedup_slots)
             if ebpf:
-                typer.echo(_generated_c(cfg))
+                out(_generated_c(cfg))
                 return
-            model, warnings = _capture(cfg, duration, None, _StopFlag(), progress=False)
+            model, warnings = _capture(cfg, duration, None, StopFlag(), progress=False)
         for w in warnings:
-            typer.echo(f"khmon: warning: {w}", err=True)
+            say(f"khmon: warning: {w}")
         _emit(model.report(warnings), as_json, grid)
 
     _guard(body)
@@ -286,7 +315,7 @@ def simulate(
         reader = Reader(recording)
         model = replay(reader)
         for w in reader.warnings:
-            typer.echo(f"khmon: warning: {w}", err=True)
+            say(f"khmon: warning: {w}")
         if not model.pmds.active:
             raise KhmonError(f"{recording} has no per-PMD records (it was made without "
                              "function probes or pagemap samples)", "record on a kernel where "
@@ -296,7 +325,6 @@ def simulate(
         given = {k: v for k, v in (("orders", chosen), ("max_ptes_none", max_ptes_none),
                                    ("max_ptes_swap", max_ptes_swap),
                                    ("max_ptes_shared", max_ptes_shared)) if v is not None}
-
         def settings(epoch: int | None) -> sim.Settings:
             """The recording's settings in that epoch (the latest for None), with the
             what-if options applied."""
@@ -306,8 +334,19 @@ def simulate(
 
         result = whatif.replay(r["pmds"], algo, settings,
                                attempts_seen=model.pmds.collapse is not None)
+        if not result["passes"]:
+            raise KhmonError(f"{recording} has nothing to replay: " + (
+                f"none of its {len(r['pmds'])} PMD records has a bitmap" if r["pmds"] else
+                "no scan in it named a PMD whose PTEs could be read"),
+                "record while a workload gives khugepaged PMDs to scan", EXIT_BAD_INPUT)
         result["what_if"] = sorted(given)
-        typer.echo(json.dumps(result, indent=2) if as_json else render_simulation(result))
+        result["warnings"] = [w for w in [sim.unhonoured_max_ptes_none(algo, settings(None))] if w]
+        for w in result["warnings"]:
+            say(f"khmon: warning: {w}")
+        if as_json:
+            out_json(result)
+        else:
+            out(render_simulation(result))
 
     _guard(body)
 
@@ -333,9 +372,9 @@ def demo(
                  "khugepaged/max_ptes_none": "255"}
         work = Workloads([["--pmds", str(pmds), "--pattern", "full"],
                           ["--pmds", str(pmds), "--pattern", "first-half", "--full-scans", "3"]])
-        stop = _StopFlag()
-        typer.echo(f"khmon demo: capturing while two workloads of {pmds} x 2 MiB run "
-                   "(khugepaged scan_sleep 100 ms) ...", err=True)
+        stop = StopFlag()
+        say(f"khmon demo: capturing while two workloads of {pmds} x 2 MiB run "
+            "(khugepaged scan_sleep 100 ms) ...")
         try:
             with override(knobs):
                 model, warnings = _capture(ProbeConfig(), 90, None, lambda: work() or stop(),
@@ -346,8 +385,7 @@ def demo(
         if as_json:
             _emit(r, True)
             return
-        typer.echo(render_report(r))
-        typer.echo("\n" + _demo_story(r, work.results(), pmds))
+        out(render_report(r) + "\n\n" + _demo_story(r, work.results(), pmds))
 
     _guard(body)
 
@@ -432,7 +470,7 @@ def _generated_c(cfg: ProbeConfig) -> str:
 
 def version_callback(value: bool) -> None:
     if value:
-        typer.echo(f"khmon {__version__}")
+        _guard(lambda: out(f"khmon {__version__}"))
         raise typer.Exit()
 
 
@@ -451,14 +489,27 @@ def main() -> None:
         sys.argv.append("--help")
     try:
         code = app(standalone_mode=False)
-    except typer.Abort:
-        sys.exit(130)
+    except (KeyboardInterrupt, typer.Abort):  # before click runs; click's EOF on a prompt
+        code = EXIT_INTERRUPTED
+    except OSError as e:
+        # Only click's own output (--help) gets here: khmon's goes through outputs.streams,
+        # and its reads turn OSError into KhmonError where they happen.
+        if e.errno not in OUTPUT_ERRNOS:
+            raise
+        try:
+            stdout_failed(e)
+        except KhmonError as err:
+            sys.exit(_error_line(err))
     except Exception as e:
         # Click's exceptions (typer vendors click, so match by shape, not by class).
         if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):
             raise
         ctx = getattr(e, "ctx", None)
         cmd = ctx.command_path if ctx is not None else "khmon"
-        typer.echo(f"khmon: error: {e.format_message()} (see {cmd} --help)", err=True)
+        say(f"khmon: error: {e.format_message()} (see {cmd} --help)")
         sys.exit(e.exit_code)
+    if code == EXIT_INTERRUPTED:
+        # A Ctrl-C outside a capture's window: while click parses (typer turns it into exit
+        # 130 silently) or in a command (_guard). A capture itself ends cleanly instead.
+        say("khmon: interrupted")
     sys.exit(code if isinstance(code, int) else 0)

@@ -19,6 +19,7 @@ from .capture.live import owner_offsets
 from .errors import KhmonError
 from .kernel import kallsyms
 from .kernel.btf import Btf
+from .kernel.privilege import capture_refusal
 from .kernel.sysfs import THP, read_settings, selected
 from .kernel.tracefs import khugepaged_events, read_format, tracefs_root
 
@@ -59,9 +60,11 @@ def run_checks(trial: bool = True) -> list[Check]:
     add = checks.append
     rel = platform.release()
     add(Check("kernel", "release", "info", f"{rel} ({platform.machine()})"))
-    root = os.geteuid() == 0
-    add(Check("kernel", "root", "ok" if root else "fail",
-              "running as root" if root else "not root: live capture needs root (use sudo)"))
+    refusal = capture_refusal()
+    add(Check("kernel", "root", "ok" if refusal is None else "fail",
+              f"{refusal} (run it with sudo)" if refusal else "running as root"
+              if os.geteuid() == 0 else f"uid {os.geteuid()} with CAP_BPF, CAP_PERFMON and "
+              "read access to tracefs"))
 
     btf: Btf | None = None
     try:
@@ -120,7 +123,7 @@ def run_checks(trial: bool = True) -> list[Check]:
                   f"via {walk.zero_page or 'nothing (not told apart)'}" if walk else why,
                   "ptwalk"))
     checks.append(_headers())
-    if trial and root:
+    if trial and refusal is None:
         checks.extend(_trials(btf, syms))
 
     settings = read_settings()
@@ -153,7 +156,7 @@ def _tier_summary(t: dict[str, bool]) -> list[Check]:
         ("inferred", funcs)) if ok][:1]
     return [
         Check("tier", "1 tracepoints", "info", "yes" if t.get("tracepoints") else
-              "no" if "tracepoints" in t else "not tried (--no-trial, or not root)"),
+              "no" if "tracepoints" in t else "not tried (--no-trial, or no privileges for live capture)"),
         Check("tier", "2 function probes", "info", " and ".join(funcs) if funcs else
               "none: tracepoints only"),
         Check("tier", "3 bitmap sources", "info", "khmon uses " + ", ".join(bitmaps)

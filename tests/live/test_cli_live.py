@@ -90,9 +90,14 @@ def test_record_with_pid_filter_then_report(tmp_path: Path, fast_khugepaged: dic
     assert mine["collapses"] == done["collapsed_pmds"] == 8
     # `khmon simulate` on that recording, with its own settings: where function probes saw
     # the attempts, the v19 model reproduces every pass and the 8 PMD collapses; without
-    # them (pagemap bitmaps alone) it can only predict.
+    # them (pagemap bitmaps alone) it can only predict, and where pagemap read no PMD (each
+    # was collapsed before its read) there is nothing to replay: exit 2, said in one line.
     sim = subprocess.run([*KHMON, "simulate", str(rec), "--json"], capture_output=True,
                          text=True)
+    if not report["pmds"]:
+        assert sim.returncode == 2 and "has nothing to replay" in sim.stderr, sim.stderr
+        assert len(sim.stderr.splitlines()) == 1
+        return
     assert sim.returncode == 0, sim.stderr
     r = json.loads(sim.stdout)
     if r["attempts_seen"]:

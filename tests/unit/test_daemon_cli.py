@@ -11,7 +11,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_cli import KHMON, _one_error_line, khmon
+from khcli import KHMON, khmon
+from khcli import one_error_line as _one_error_line
 
 from khmon.daemon import parse_listen, parse_size
 from khmon.errors import KhmonError

@@ -32,7 +32,8 @@ def _parts() -> list[Part]:
         Part("R", event=0, data=b"\x01" * SIZE0),
         Part("R", event=1, data=bytes(range(SIZE1)) * 2),
         Part("S", meta={"probe": {"seen": {"a": 3}}, "mono_ns": 10}),
-        Part("P", meta={"mm": 1, "address": 2 << 20, "present": "ff" * 64}),
+        Part("P", meta={"mm": 1, "address": 2 << 20, "pid": 7, "ref": 3, "present": "ff" * 64,
+                        "zero": "00" * 64, "swap": "00" * 64, "none": 0, "shared": 0}),
         Part("R", event=0, data=b"\x02" * SIZE0 * 3),
         Part("E", meta={"probe": {"seen": {"a": 7}}, "mono_ns": 20}),
     ]
@@ -142,20 +143,23 @@ def _foreign_cases(tmp_path: Path) -> dict[str, tuple[bytes, str]]:
         "png": (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(20), "bad magic"),
         "flipped header byte": (bytes(flipped_header), "checksum"),
         "future version": (MAGIC + b"\x02\x00" + data[len(MAGIC) + 2:], "version 2"),
-        "magic only": (MAGIC, "header incomplete"),
+        "magic only": (MAGIC, "cut short inside its 12-byte signature"),
         "unknown part kind": (data[:len(MAGIC) + 2] + _frame(b"Z", b"{}"), "unknown part"),
         "header is not JSON": (MAGIC + b"\x01\x00" + _frame(b"H", b"\xff{"), "bad JSON"),
         "first part not a header": (MAGIC + b"\x01\x00" + _frame(b"E", b"{}"),
-                                    "header incomplete"),
+                                    "no header: the first part, at byte 12, is an end part"),
         "record part without event index": (data[:bounds_h] + _frame(b"R", b"\x01"),
                                             "empty record part"),
+        "header version 2": (MAGIC + b"\x01\x00" + _frame(b"H", json.dumps(
+            {**HEADER, "version": 2}).encode()), "recording header version 2; this khmon "
+            "reads version 1"),
     }
 
 
 @pytest.mark.parametrize("case", [
     "empty", "random", "text", "png", "flipped header byte", "future version", "magic only",
     "unknown part kind", "header is not JSON", "first part not a header",
-    "record part without event index"])
+    "record part without event index", "header version 2"])
 def test_foreign_files_refused(tmp_path: Path, case: str) -> None:
     content, words = _foreign_cases(tmp_path)[case]
     path = tmp_path / "foreign"

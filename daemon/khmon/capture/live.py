@@ -24,6 +24,7 @@ from dataclasses import asdict
 from ..errors import EXIT_BAD_INPUT, KhmonError
 from ..kernel import kallsyms
 from ..kernel.btf import Btf
+from ..kernel.privilege import require_capture
 from ..kernel.sysfs import read_counters, read_settings
 from ..kernel.tracefs import read_formats
 from ..stream.decode import Batch, Decoder, comm
@@ -82,6 +83,7 @@ class LiveCapture:
     """Attach to every khugepaged tracepoint of the running kernel."""
 
     def __init__(self, cfg: ProbeConfig, with_kprobe_stub: bool = False) -> None:
+        require_capture()  # before tracefs is read: one line instead of a PermissionError
         self.cfg = cfg
         btf = Btf.from_kernel()
         layouts = kernel_layouts(btf, cfg.ptwalk)

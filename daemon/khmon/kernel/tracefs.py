@@ -19,11 +19,21 @@ EVENT_PREFIXES = ("mm_khugepaged_", "mm_collapse_huge_page")
 TRACEFS_CANDIDATES = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
 
 
+# tracefs is mode 0700 root, so its events cannot even be looked at without privileges.
+NOT_READABLE_FIX = ("run khmon as root, or with CAP_BPF, CAP_PERFMON and read access to "
+                    "tracefs")
+
+
 def tracefs_root() -> Path:
-    """The mounted tracefs; raises KhmonError with the mount command when there is none."""
+    """The mounted tracefs; raises KhmonError with the mount command when there is none, and
+    saying it needs root when it is there but this process may not read it."""
     for root in TRACEFS_CANDIDATES:
-        if (root / "events").is_dir():
-            return root
+        try:
+            if (root / "events").is_dir():
+                return root
+        except PermissionError as e:
+            raise KhmonError(f"cannot read {root}: {e.strerror}: tracefs is readable only by "
+                             "root", NOT_READABLE_FIX) from e
     raise KhmonError(
         "tracefs is not mounted",
         "mount it: mount -t tracefs nodev /sys/kernel/tracing (make setup does this)",
@@ -34,15 +44,18 @@ def khugepaged_events(root: Path | None = None) -> list[str]:
     """Names of the khugepaged tracepoints this kernel has, sorted."""
     root = root or tracefs_root()
     system = root / "events" / SYSTEM
-    if not system.is_dir():
+    try:
+        names = sorted(
+            e for e in os.listdir(system)
+            if e.startswith(EVENT_PREFIXES) and (system / e / "format").is_file()
+        )
+    except (FileNotFoundError, NotADirectoryError) as e:
         raise KhmonError(
             f"this kernel has no {SYSTEM} tracepoints ({system} is missing)",
             "khmon needs CONFIG_TRANSPARENT_HUGEPAGE=y and tracepoints (CONFIG_TRACEPOINTS)",
-        )
-    names = sorted(
-        e for e in os.listdir(system)
-        if e.startswith(EVENT_PREFIXES) and (system / e / "format").is_file()
-    )
+        ) from e
+    except OSError as e:
+        raise KhmonError(f"cannot read {system}: {e.strerror}", NOT_READABLE_FIX) from e
     if not names:
         raise KhmonError(f"no khugepaged events under {system}",
                          "khmon needs a kernel with khugepaged tracepoints (4.x or later)")
@@ -56,7 +69,7 @@ def read_format(name: str, root: Path | None = None) -> EventFormat:
     try:
         text = path.read_text()
     except OSError as e:
-        raise KhmonError(f"cannot read {path}: {e.strerror}", "run as root") from e
+        raise KhmonError(f"cannot read {path}: {e.strerror}", NOT_READABLE_FIX) from e
     return parse_format(text, SYSTEM)
 
 

@@ -142,6 +142,21 @@ def collapse_max_ptes_none(algo: str, settings: Settings, order: int, uffd_vma: 
     return None if algo == "v17" else 0
 
 
+def unhonoured_max_ptes_none(algo: str, settings: Settings) -> str | None:
+    """What mTHP collapse makes of a max_ptes_none other than 0 and 511 (see
+    collapse_max_ptes_none), when mTHP orders are enabled; None when it honours it."""
+    mpn = settings.max_ptes_none
+    mthp = sorted(o for o in settings.orders if o < PMD_ORDER)
+    if mpn in (0, KHUGEPAGED_MAX_PTES_LIMIT) or not mthp:
+        return None
+    what = ("treats it as 0 there (v19 warns once and defaults to 0)" if algo == "v19" else
+            "stops there (v17's collapse_max_ptes_none() returns -EINVAL and mthp_collapse() "
+            "gives up on the PMD)")
+    return (f"max_ptes_none {mpn}: mTHP collapse honours only 0 and "
+            f"{KHUGEPAGED_MAX_PTES_LIMIT}, so at orders {','.join(map(str, mthp))} {algo} "
+            f"{what}; only PMD-order collapse uses {mpn}")
+
+
 def _scan_pmd(present: int, swap: int, shared: int, settings: Settings) -> tuple[str | None, int]:
     """collapse_scan_pmd(): may khugepaged go on to mthp_collapse(), and the `unmapped` count.
 

@@ -7,15 +7,20 @@ import string
 from typing import Any
 
 from ..stream import bitmap
+from .escape import printable
 
 
 def _table(headers: list[str], rows: list[list[Any]], indent: str = "  ") -> list[str]:
+    """Aligned columns. Widths are those the cells will have on the terminal, escaped
+    (outputs.streams escapes every line it prints), so a process name holding control
+    characters does not push its row out of line."""
     cells = [headers, *[[str(c) for c in r] for r in rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    shown = [[len(printable(c)) for c in r] for r in cells]
+    widths = [max(r[i] for r in shown) for i in range(len(headers))]
     out = []
-    for r in cells:
-        parts = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:],
-                                                                        strict=True)]
+    for r, n in zip(cells, shown, strict=True):
+        parts = [r[0] + " " * (widths[0] - n[0])]
+        parts += [" " * (w - k) + c for c, k, w in zip(r[1:], n[1:], widths[1:], strict=True)]
         out.append(indent + "  ".join(parts).rstrip())
     return out
 
@@ -68,12 +73,33 @@ def render_report(r: dict[str, Any], grids: int = 0) -> str:
     lines += ["", "kernel counters, change over the window (zero ones omitted; all in --json)"]
     lines += _table(["counter", "delta"], [[n, v] for n, v in delta.items()]) if delta else [
         "  none"]
-    unacc = {n: a["unaccounted"] for n, a in acc.items() if a["unaccounted"]}
-    lines += ["", f"lost events: {r['lost_events']}"
-              + (f"; unaccounted: {unacc}" if unacc else
-                 " (every event the probes saw is in the counts or counted as lost)")]
+    lines += ["", *_lost(r)]
     lines += [f"warning: {wmsg}" for wmsg in r["warnings"]]
     return "\n".join(lines)
+
+
+def _lost(r: dict[str, Any]) -> list[str]:
+    """Lost events, and what the probes' counts say where seen != recorded + lost.
+
+    A complete window balances for every tracepoint (the end part comes after the drain).
+    A recording cut short ends its counters at its last stats part, while records kept
+    arriving after it and the kernel still held some at the cut: there the difference is
+    said for what it is, not claimed to be zero."""
+    unacc = {n: a["unaccounted"] for n, a in r["accounting"].items() if a["unaccounted"]}
+    if r["window"]["complete"]:
+        head = f"lost events: {r['lost_events']}" + (
+            "; the probes' counts do not balance:" if unacc else
+            " (every event the probes saw is in the counts or counted as lost)")
+        more = "seen by the probes but neither in the counts nor counted as lost"
+        fewer = "in the counts beyond what the probes saw"
+    else:
+        head = (f"lost events: {r['lost_events']} by the last stats part, at "
+                f"{r['window']['seconds']:.1f} s; after it unknown (the recording was cut "
+                "short, see the warning)" + (":" if unacc else ""))
+        more = "seen by the probes by then that never reached the recording (lost in the cut)"
+        fewer = "recorded beyond what the probes had seen by then (events after it)"
+    return [head, *(f"  {name}: {abs(n)} {more if n > 0 else fewer}"
+                    for name, n in unacc.items())]
 
 
 def _functions(f: dict[str, Any]) -> list[str]:
