@@ -349,7 +349,8 @@ class Daemon:
             yield c
             c = CounterMetricFamily("khmon_api_disconnects", "Clients the socket API "
                                     "disconnected: slow_reader (its output buffer was full), "
-                                    "line_too_long, too_many_clients.", labels=["reason"])
+                                    "line_too_long, too_many_clients, error (a khmon bug "
+                                    "answering it; the log has the first).", labels=["reason"])
             for k, v in sorted(api.disconnects.items()):
                 c.add_metric([k], v)
             yield c

@@ -148,3 +148,23 @@ def test_snapshot_encoded_once_per_seq(server: ApiServer) -> None:
     assert server._snapshot(20) is a
     snap: Snapshot = server.latest()  # type: ignore[assignment]
     assert json.loads(a)["seq"] == snap.seq
+
+
+def test_a_bug_answering_one_client_costs_only_that_client(tmp_path: Path,
+                                                           model: Model) -> None:
+    good = model.snapshot()
+    bad = Snapshot(good.seq + 1, good.mono_ns, good.wall,
+                   {**good.report, "processes": [{1, 2}]},  # a set: json.dumps fails
+                   good.processes_total, good.pmds_total)
+    dropped: list[str] = []
+    srv = ApiServer(tmp_path / "k.sock", lambda: bad, lambda p, a: None, "k").start()
+    srv.on_disconnect = dropped.append
+    try:
+        s = _conn(srv)
+        s.sendall(b'{"req": "snapshot"}\n')
+        assert s.recv(10) == b""  # closed
+        assert srv.disconnects["error"] == 1 and dropped[0].startswith("error: TypeError")
+        with DaemonClient(srv.path) as c:
+            assert c.hello()["ok"]
+    finally:
+        srv.stop()

@@ -71,7 +71,7 @@ class ApiServer:
                       "kernel": kernel}
         self.requests: Counter[str] = Counter({r: 0 for r in (*REQUESTS, "bad")})
         self.disconnects: Counter[str] = Counter({r: 0 for r in ("slow_reader", "line_too_long",
-                                                                 "too_many_clients")})
+                                                                 "too_many_clients", "error")})
         self.on_disconnect: Callable[[str], None] = lambda _why: None
         self._clients: dict[int, _Client] = {}
         self._cache: dict[int, tuple[int, bytes]] = {}  # top -> (seq, encoded response)
@@ -128,10 +128,13 @@ class ApiServer:
                         client = self._clients.get(sock.fileno())  # type: ignore[union-attr]
                         if client is None:
                             continue
-                        if events & selectors.EVENT_READ:
-                            self._read(client)
-                        if events & selectors.EVENT_WRITE and client.sock.fileno() >= 0:
-                            self._flush(client)
+                        try:
+                            if events & selectors.EVENT_READ:
+                                self._read(client)
+                            if events & selectors.EVENT_WRITE and client.sock.fileno() >= 0:
+                                self._flush(client)
+                        except Exception as e:  # a bug answering costs only this client
+                            self._drop(client, "error", f"{type(e).__name__}: {e}")
         finally:
             for c in list(self._clients.values()):
                 self._close(c)
@@ -304,9 +307,9 @@ class ApiServer:
         elif key.events != events:
             self._sel.modify(c.sock, events)
 
-    def _drop(self, c: _Client, why: str) -> None:
+    def _drop(self, c: _Client, why: str, detail: str = "") -> None:
         self.disconnects[why] += 1
-        self.on_disconnect(why)
+        self.on_disconnect(f"{why}: {detail}" if detail else why)
         self._close(c)
 
     def _close(self, c: _Client) -> None:
