@@ -13,7 +13,8 @@ A capture answers `hello` at once (`state`: compiling, then attached) and `snaps
 `{"ok": false, "state": "compiling"}` until the probes are attached. A replay moves on a
 snapshot request's `step` (1: the next frame, -1: one back, 0 or none: stay), one frame
 per stats part, and says which frame it is (`frame`) and whether the recording has ended
-(`end`). Both take a snapshot request's `pid` (that process's PMDs in `pmds`).
+(`end`). Both take a snapshot request's `pid`: that process's PMD records come beside the
+report, as `process_pmds` (`pid`, `pmds`).
 
 The child stops, detaching its probes, on SIGTERM, SIGHUP, or when the socket closes (the
 UI went away, however it went); PR_SET_PDEATHSIG covers a UI killed outright. Errors go to
@@ -87,10 +88,13 @@ def pmds_of(model: Model, pid: int, top: int) -> list[dict[str, Any]]:
 
 def answer(snap: Snapshot, req: dict[str, Any], pmds: list[dict[str, Any]] | None,
            **extra: Any) -> dict[str, Any]:
-    """The protocol's snapshot answer; `pmds`: the requested pid's, instead of the recent."""
+    """The protocol's snapshot answer; `pmds`: the requested pid's PMD records, answered
+    beside the report as `process_pmds` (the report keeps its most recent ones)."""
     top = top_of(req)
     report = {**snap.report, "processes": snap.report["processes"][:top],
-              "pmds": (pmds if pmds is not None else snap.report["pmds"])[:top]}
+              "pmds": snap.report["pmds"][:top]}
+    if pmds is not None:
+        extra["process_pmds"] = {"pid": req["pid"], "pmds": pmds[:top]}
     return {"ok": True, "seq": snap.seq, "mono_ns": snap.mono_ns, "wall": snap.wall,
             "report": report, "processes_total": snap.processes_total,
             "pmds_total": snap.pmds_total, **extra}

@@ -72,6 +72,12 @@ def test_replay_in_a_terminal_keys_resize_and_quit(tmp_path: Path, recording: Pa
         pane.wait_for(lambda s: "this help" in s, 5, "the help")
         pane.keys("x")
         pane.wait_for(lambda s: "this help" not in s and "Processes:" in s, 5, "help closed")
+        pane.keys("/", "[/]", "Enter")  # typed at once: the prompt gets every key
+        only = pane.wait_for(lambda s: "comm ~ '[/]'" in s, 5, "the comm filter")
+        rows = [ln for ln in only.splitlines() if re.match(r"\s+\d{4} ", ln)]
+        assert rows and all(" [/] " in ln for ln in rows), rows
+        pane.keys("/", "Enter")
+        pane.wait_for(lambda s: "comm ~" not in s, 5, "no filter")
         pane.resize(40, 12)
         small = pane.wait_for(lambda s: len(s.splitlines()) <= 12 and "Processes" in s, 5,
                               "a 40x12 screen")

@@ -71,6 +71,8 @@ def test_pmd_selection_and_rows_of_a_real_snapshot() -> None:
     v.move_pmd(pmds, 99)
     assert v.pmd_address == pmds[-1]["address"]
     assert pmds_of(r, None) == [] and pmds_of({}, 5) == []
+    extra = {"pid": 5, "pmds": pmds[:1]}
+    assert pmds_of(r, 5, extra) == pmds[:1] and pmds_of(r, rs[0].pid, extra) == pmds
     assert process_rows(r, {})[0].uffd is not None  # function-probe data: uffd is known
     assert process_rows({**r, "functions": {"mode": None}}, {})[0].uffd is None
 

@@ -301,7 +301,8 @@ class TopApp(App[int]):
             return
         self.rows = self.view.visible(process_rows(self.shown.report, self.rates))
         proc = self._selected_proc()
-        self.pmd_rows = pmds_of(self.shown.report, proc.pid if proc else None)
+        self.pmd_rows = pmds_of(self.shown.report, proc.pid if proc else None,
+                                self.shown.process_pmds)
         addrs = [p.get("address") for p in self.pmd_rows]
         if self.view.pmd_address in addrs:
             self.pmd_record = self.pmd_rows[addrs.index(self.view.pmd_address)]
@@ -437,6 +438,9 @@ class TopApp(App[int]):
 
     # --- prompts (p, /, d) -------------------------------------------------------------------
 
+    _ours: ClassVar[frozenset[str]] = frozenset(
+        b.action.split("(")[0] for b in BINDINGS if isinstance(b, Binding))
+
     PROMPTS: ClassVar[dict[str, str]] = {
         "pid": "show pid (empty: all): ", "comm": "show comms containing (empty: all): ",
         "delay": "delay in seconds: "}
@@ -470,14 +474,30 @@ class TopApp(App[int]):
         self._prompt = None
         self.set_focus(None)
 
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """While a prompt is open only quitting is a key of its own: the rest is typing."""
+        return self._prompt is None or action == "quit_top" or action not in self._ours
+
     def on_key(self, event: Key) -> None:
         if self.hint and self._prompt is None:
             self.hint = ""
             self._redraw()
-        if self._prompt is not None and event.key == "escape":
-            event.stop()
-            event.prevent_default()
+        if self._prompt is None:
+            return
+        box = self.query_one("#prompt", Input)
+        if event.key != "escape" and box.has_focus:
+            return  # the prompt's own: typing, and Enter to submit
+        event.stop()
+        event.prevent_default()
+        if event.key == "escape":
             self._close_prompt()
+        else:  # typed before the prompt took focus: give it the key
+            if event.key == "enter":
+                self.post_message(Input.Submitted(box, box.value))
+            elif event.key == "backspace":
+                box.value = box.value[:-1]
+            elif event.is_printable and event.character:
+                box.insert_text_at_cursor(event.character)
 
     async def on_unmount(self) -> None:
         task = getattr(self, "_poller", None)

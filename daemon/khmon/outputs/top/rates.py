@@ -25,7 +25,7 @@ from typing import Any
 from ...stream.events import SCAN_FILE, SCAN_PMD
 
 HISTORY = 300  # sparkline samples kept (5 minutes at 1 Hz)
-BASES = 64  # snapshots whose counters are kept to compute rates against
+BASES = 16  # snapshots whose counters are kept to compute rates against
 SERIES = ("collapses", "attempts", "lost")
 
 
@@ -127,24 +127,25 @@ def rates_between(prev: Point | None, cur: Point) -> dict[str, float | None]:
 @dataclass
 class RateKeeper:
     """Rates for each new snapshot against the latest earlier one of the same stream and
-    epoch, and the sparkline history; both bounded."""
+    epoch, and the sparkline history; both bounded. Only the counters of the last BASES
+    snapshots are kept (with 1,000 processes that is 2,000 counters each): a replay
+    stepped back further than that shows N/A."""
 
-    bases: OrderedDict[tuple[str, int, int], tuple[Point, dict[str, float | None]]] = field(
-        default_factory=OrderedDict)
+    bases: OrderedDict[tuple[str, int, int], Point] = field(default_factory=OrderedDict)
     history: dict[str, deque[float | None]] = field(
         default_factory=lambda: {s: deque(maxlen=HISTORY) for s in SERIES})
 
     def add(self, cur: Point) -> dict[str, float | None]:
-        """The rates of `cur` (computed once per snapshot; the same snapshot again, or one
-        stepped back to, gets the rates it had)."""
-        seen = self.bases.get(cur.key)
-        if seen is not None:
-            return seen[1]
-        prev = max((p for p, _ in self.bases.values()
+        """The rates of `cur`; the same snapshot again, or one stepped back to, gets the
+        rates it had (computed again from the same two snapshots)."""
+        seen = cur.key in self.bases
+        prev = max((p for p in self.bases.values()
                     if p.stream == cur.stream and p.epoch == cur.epoch and p.seq < cur.seq),
                    key=lambda p: p.seq, default=None)
         r = rates_between(prev, cur)
-        self.bases[cur.key] = (cur, r)
+        if seen:
+            return r
+        self.bases[cur.key] = cur
         while len(self.bases) > BASES:
             self.bases.popitem(last=False)
         for s in SERIES:

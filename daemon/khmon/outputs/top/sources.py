@@ -71,6 +71,7 @@ class Frame:
     local_s: float  # time.monotonic() when it arrived
     replay_frame: int | None = None
     replay_end: bool = False
+    process_pmds: dict[str, Any] | None = None  # a `pid` request's answer: pid, pmds
 
 
 class KhugepagedCpu:
@@ -140,7 +141,8 @@ def _frame(ans: dict[str, Any], stream: str, epoch: int, cpu: float | None) -> F
     return Frame(stream, epoch, ans["seq"], opt_int("mono_ns"),
                  ans.get("wall") if isinstance(ans.get("wall"), str) else None, report,
                  opt_int("processes_total"), opt_int("pmds_total"), cpu, time.monotonic(),
-                 opt_int("frame"), bool(ans.get("end")))
+                 opt_int("frame"), bool(ans.get("end")),
+                 ans["process_pmds"] if isinstance(ans.get("process_pmds"), dict) else None)
 
 
 class Source:

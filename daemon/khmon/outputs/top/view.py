@@ -125,10 +125,15 @@ class View:
         self.pmd_address = addrs[max(0, min(len(addrs) - 1, i + step))]
 
 
-def pmds_of(report: dict[str, Any], pid: int | None) -> list[dict[str, Any]]:
-    """The snapshot's PMD records of one process, most recently active first (as sent)."""
+def pmds_of(report: dict[str, Any], pid: int | None,
+            process_pmds: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One process's PMD records, most recently active first (as sent): the answer to a
+    snapshot request's `pid` when the source gave one for this pid, else those among the
+    snapshot's most recent ones."""
     if pid is None:
         return []
+    if isinstance(process_pmds, dict) and process_pmds.get("pid") == pid:
+        return [p for p in as_list(process_pmds.get("pmds")) if isinstance(p, dict)]
     return [p for p in as_list(report.get("pmds")) if isinstance(p, dict) and p.get("pid") == pid]
 
 
