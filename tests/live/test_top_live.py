@@ -137,7 +137,9 @@ def watch_workload(pane: TopPane) -> str:
 
 def test_top_local_capture(tmp_path: Path, settings: dict[str, str]) -> None:
     with TopPane(["--local"], tmp_path) as pane:
-        pane.wait_for(lambda s: "compiling" in s or "attached to" in s, 30, "the first screen")
+        first = pane.wait_for(lambda s: "compiling" in s or "attached to" in s, ATTACH_S,
+                              "the first screen")
+        print(f"\nfirst paint: {time.monotonic() - pane.started:.1f} s ({first.splitlines()[0]})")
         pane.wait_for(lambda s: re.search(r"attached to \d+ tracepoints", s) is not None,
                       ATTACH_S, "attached")
         progs = set().union(*(bpf_programs_of(p) for p in pane.pids()))
@@ -155,7 +157,8 @@ def test_top_local_capture(tmp_path: Path, settings: dict[str, str]) -> None:
 def test_top_against_a_running_daemon(tmp_path: Path, settings: dict[str, str]) -> None:
     with running_daemon() as d:
         with TopPane(["--socket", str(d.socket)], tmp_path) as pane:
-            pane.wait_for(lambda s: "live" in s and "/s" in s, 30, "live rates from the daemon")
+            pane.wait_for(lambda s: "live" in s and "/s" in s, ATTACH_S,
+                          "live rates from the daemon")
             assert not set().union(*(bpf_programs_of(p) for p in pane.pids())), \
                 "khmon top loaded BPF programs of its own with a daemon running"
             screen = watch_workload(pane)

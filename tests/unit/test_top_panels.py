@@ -80,7 +80,7 @@ def test_header_without_a_snapshot_and_with_an_empty_one() -> None:
 def test_orders_per_order_rows_with_kernel_alloc_latency_and_top_failure() -> None:
     f = frames()
     r = f[-1]
-    r["kernel_counters"]["delta"]["hugepages-2048kB/stats/collapse_alloc"] = 3
+    r["kernel_counters"]["delta"]["hugepages-2048kB/collapse_alloc"] = 3
     lines = draw(panels.orders(r, rates_of(f[-2], r), 160, 20)).splitlines()
     assert lines[0].startswith("Collapse by order") and "KERNEL ALLOC" in lines[1]
     rows = {ln.split()[0]: ln.split() for ln in lines[2:]}
@@ -90,7 +90,7 @@ def test_orders_per_order_rows_with_kernel_alloc_latency_and_top_failure() -> No
     assert rows["9"][6] == "3"  # the per-size collapse_alloc
     assert rows["8"][6] == "N/A"  # no such stats file in this snapshot
     mean = r["functions"]["collapse_huge_page"]["by_order"]["9"]
-    assert rows["9"][7] == f"{mean['seconds'] / mean['calls'] * 1e6:,.1f}"
+    assert rows["9"][7] == f"{mean['seconds'] / mean['calls'] * 1e6:.1f}us"
     assert "exceed_none_pte" in lines[2]
 
 

@@ -270,7 +270,7 @@ def sparklines(history: dict[str, Sequence[float | None]], width: int, height: i
 
 ORDER_COLS = (Col("ORDER", 5), Col("SIZE", 5), Col("ATT/s", 7), Col("OK/s", 7),
               Col("ATTEMPTS", 9), Col("SUCCEEDED", 9), Col("KERNEL ALLOC", 12),
-              Col("MEAN us", 8), Col("TOP FAILURE", 28, right=False))
+              Col("MEAN", 9), Col("TOP FAILURE", 28, right=False))
 
 
 def _top_failure(by_status: Any) -> str:
@@ -288,18 +288,20 @@ def _kernel_alloc(delta: Any, order: int | None) -> str:
     has one (mTHP collapse), /proc/vmstat's thp_collapse_alloc for PMD-sized ones."""
     if not isinstance(delta, dict) or order is None:
         return NA
-    v = delta.get(f"hugepages-{4 << order}kB/stats/collapse_alloc")
+    v = delta.get(f"hugepages-{4 << order}kB/collapse_alloc")  # sysfs.read_counters' name
     if v is None and order == 9:
         v = delta.get("thp_collapse_alloc")
     return num(v)
 
 
-def _mean_us(funcs: Any, key: str) -> str:
+def _mean(funcs: Any, key: str) -> str:
+    """Mean collapse_huge_page latency of an order, in us or ms (a TCG guest takes ms)."""
     o = dig(funcs, "collapse_huge_page", "by_order", key)
     calls, secs = dig(o, "calls"), dig(o, "seconds")
     if not isinstance(calls, int) or not calls or not isinstance(secs, int | float):
         return NA
-    return f"{secs / calls * 1e6:,.1f}"
+    us = secs / calls * 1e6
+    return f"{us:.1f}us" if us < 1000 else f"{us / 1e3:,.1f}ms"
 
 
 def orders(report: dict[str, Any], rates: dict[str, float | None], width: int,
@@ -322,12 +324,12 @@ def orders(report: dict[str, Any], rates: dict[str, float | None], width: int,
                          rate(rates.get(f"order/{o}/succeeded")), num(dig(v, "attempts")),
                          num(dig(v, "succeeded")), _kernel_alloc(delta, order if order >= 0
                                                                   else None),
-                         _mean_us(funcs, str(o)), _top_failure(dig(v, "by_status"))])
+                         _mean(funcs, str(o)), _top_failure(dig(v, "by_status"))])
     elif isinstance(col, dict) and col and not dig(report, "kernel", "has_order"):
         # Before the mTHP collapse series every attempt is PMD-sized: one row, order 9.
         rows.append(["9*", "2M", rate(rates.get("attempts")), rate(rates.get("collapses")),
                      num(col.get("attempts")), num(col.get("succeeded")),
-                     _kernel_alloc(delta, 9), _mean_us(funcs, "pmd"),
+                     _kernel_alloc(delta, 9), _mean(funcs, "pmd"),
                      _top_failure(col.get("by_status"))])
     f = dig(col, "file")
     if isinstance(dig(f, "attempts"), int) and f["attempts"]:
