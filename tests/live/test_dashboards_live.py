@@ -305,18 +305,21 @@ def test_agreement_panel_series_are_equal(lab: Lab) -> None:
 
 def test_alert_rules_evaluate_on_real_data(lab: Lab) -> None:
     """Every rule evaluates without error on the daemon's real series, and none fires (the run is
-    shorter than every `for`): khmon is up, attached and fresh, and its collapse count is the
-    kernel's, so those stay inactive; KhmonLostEvents is pending exactly when events were lost
-    (the uffd storm loses records under TCG); waste may make KhmonUffdIsolateWaste pending."""
+    shorter than every `for`): khmon is up, attached and fresh, so those stay inactive;
+    KhmonLostEvents may be pending only if events were lost (the uffd storm loses records under
+    TCG); waste may make KhmonUffdIsolateWaste pending."""
     rules = {r["name"]: r for g in lab.prom.rules() for r in g["rules"]}
     assert set(rules) == {a.name for a in alerts.ALERTS}
     for name, r in rules.items():
         assert r["health"] == "ok", (name, r.get("lastError"))
     firing = [a for a in lab.prom.alerts() if a["state"] == "firing"]
     assert firing == []
-    for name in ("KhmonDown", "KhmonNotScraped", "KhmonPipelineStalled", "KhmonProbeNotAttached",
-                 "KhmonCollapseCountMismatch"):
+    for name in ("KhmonDown", "KhmonNotScraped", "KhmonPipelineStalled", "KhmonProbeNotAttached"):
         assert rules[name]["state"] == "inactive", (name, rules[name].get("alerts"))
+    # KhmonCollapseCountMismatch may be pending, never firing: minutes after a daemon start its
+    # two increase()s extrapolate differently (khmon's counter starts at 0, so Prometheus does
+    # not extrapolate it back; the kernel's it does): 3.3 collapses apart in the 6.1 guest, while
+    # the exact totals agree (test_agreement_panel_series_are_equal). Its `for` outlasts that.
     lost = lab.prom.value(f'sum(khmon_lost_events_total{{instance="{lab.address}"}})', at=lab.end)
     if lost == 0:
         assert rules["KhmonLostEvents"]["state"] == "inactive", rules["KhmonLostEvents"].get("alerts")
