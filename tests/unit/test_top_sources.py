@@ -15,13 +15,12 @@ from typing import Any
 
 import pytest
 from synthetic import SyntheticStream
-from topdata import frames
+from topdata import frames, write_recording
 
 from khmon.errors import KhmonError
 from khmon.outputs.top import sources
 from khmon.outputs.top.rates import Point, RateKeeper, counters
 from khmon.outputs.top.sources import ChildSource, DaemonSource, NotReady, SourceError
-from khmon.stream.recording import Writer
 from tests.support.fake_daemon import fake_daemon
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -192,13 +191,8 @@ def test_not_root_and_no_daemon_is_one_line_and_exit_1() -> None:
 
 @pytest.fixture
 def recording(tmp_path: Path) -> Path:
-    s = SyntheticStream(processes=4, pmds_per_process=4, scanned_per_s=100, seconds=5)
-    path = tmp_path / "run.khrec"
-    w = Writer(path, s.header)
-    for part in s.parts():
-        w.add(part)
-    w.close()
-    return path
+    return write_recording(tmp_path / "run.khrec", SyntheticStream(
+        processes=4, pmds_per_process=4, scanned_per_s=100, seconds=5))
 
 
 def test_replay_child_steps_forward_back_and_ends(recording: Path) -> None:

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 from synthetic import SyntheticStream, _Proc
+from topdata import write_recording
 
 from khmon.outputs.top.rates import counters
-from khmon.stream.recording import Writer
 from tests.support.tmux import KHMON, TopPane
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed "
@@ -38,14 +38,9 @@ class HostileStream(SyntheticStream):
 
 @pytest.fixture
 def recording(tmp_path: Path) -> Path:
-    s = HostileStream(processes=6, pmds_per_process=4, scanned_per_s=100, uffd_share=0.3,
-                      lifetime_s=(100, 200), seconds=12)
-    path = tmp_path / "hostile.khrec"
-    w = Writer(path, s.header)
-    for part in s.parts():
-        w.add(part)
-    w.close()
-    return path
+    return write_recording(tmp_path / "hostile.khrec", HostileStream(
+        processes=6, pmds_per_process=4, scanned_per_s=100, uffd_share=0.3,
+        lifetime_s=(100, 200), seconds=12))
 
 
 def frame_no(screen: str) -> int:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import copy
 import functools
+from pathlib import Path
 from typing import Any
 
 from synthetic import SyntheticStream
 
 from khmon.model.model import Model
 from khmon.stream.parts import END, STATS
+from khmon.stream.recording import Writer
 
 HOSTILE = ["[/]", "[bold red]x[/]", "\x1b[2J\x1b[31mevil", "tab\there", "wide漢字名", "back\\slash"]
 
@@ -45,3 +47,12 @@ def hostile(rep: dict[str, Any]) -> dict[str, Any]:
     for i, p in enumerate(rep["pmds"]):
         p["comm"] = HOSTILE[i % len(HOSTILE)]
     return rep
+
+
+def write_recording(path: Path, stream: SyntheticStream) -> Path:
+    """The stream as a recording file (what `khmon top --replay` plays)."""
+    w = Writer(path, stream.header)
+    for part in stream.parts():
+        w.add(part)
+    w.close()
+    return path
