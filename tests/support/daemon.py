@@ -85,18 +85,6 @@ class DaemonHandle:
             with s.makefile("rb") as f:
                 return json.loads(f.readline())
 
-    def value(self, name: str, **labels: str) -> float | None:
-        """One sample's value from the text exposition (None if absent)."""
-        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-        for line in self.metrics().splitlines():
-            if line.startswith("#"):
-                continue
-            key, _, val = line.rpartition(" ")
-            metric, _, rest = key.partition("{")
-            if metric == name and ",".join(sorted(rest.rstrip("}").split(","))) == want:
-                return float(val)
-        return None
-
 
 def _free_port() -> int:
     with socketlib.socket(socketlib.AF_INET, socketlib.SOCK_STREAM) as s:

@@ -70,6 +70,10 @@ def test_hello_and_snapshot_have_the_report_keys(server: ApiServer, model: Model
     r = daemon_report(server.path, top=3)
     assert len(r["processes"]) == 3 and "from the khmon daemon" in r["warnings"][-1]
     assert stat.S_IMODE(server.path.stat().st_mode) == 0o660
+    p = next(x for x in model.report()["pmds"] if x["attempts"])
+    with DaemonClient(server.path) as c:
+        assert c.pmd(p["pid"], int(p["address"], 16)) == model.pmd_json(p["pid"],
+                                                                         int(p["address"], 16))
 
 
 def test_pmd_record_and_errors_keep_the_connection(server: ApiServer, model: Model) -> None:
