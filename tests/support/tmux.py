@@ -35,13 +35,14 @@ class TopPane:
     """`khmon top ARGS` in a fresh tmux server (its own socket), SIZE cells."""
 
     def __init__(self, args: list[str], tmp: Path, size: tuple[int, int] = SIZE,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, command: list[str] | None = None) -> None:
+        """`command`: run that instead of `khmon top` (args are then appended to it)."""
         self.tmp = tmp
         self.server = f"khmon-top-{os.getpid()}-{id(self)}"
         self.status = tmp / "status"
         self.stty = tmp / "stty"
         envs = " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items())
-        cmd = " ".join(shlex.quote(a) for a in (str(KHMON), "top", *args))
+        cmd = " ".join(shlex.quote(a) for a in (*(command or [str(KHMON), "top"]), *args))
         # pytest's terminal writer exports COLUMNS and LINES, and the size they claim
         # wins over the terminal's own (shutil.get_terminal_size): unset them.
         self.script = (f"unset COLUMNS LINES; cd {shlex.quote(str(ROOT))}; {envs} {cmd}; "

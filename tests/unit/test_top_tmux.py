@@ -124,3 +124,46 @@ def test_batch_text_and_pipe(recording: Path) -> None:
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stdout.count("khmon top  replay") == 1
     assert "[/]" in p.stdout and "\x1b" not in p.stdout
+
+
+SLOW_CHILD = """
+import json, signal, socket, sys, time
+fd = int(sys.argv[sys.argv.index("--fd") + 1])
+signal.signal(signal.SIGTERM, lambda *a: (time.sleep(3), sys.exit(0)))
+s = socket.socket(fileno=fd)
+for line in s.makefile("rb"):
+    s.sendall(json.dumps({"ok": False, "error": "compiling", "state": "compiling"}).encode()
+              + b"\\n")
+time.sleep(3)  # the socket closed: 3 s for the probes to detach
+"""
+HARNESS = """
+import sys
+from khmon.outputs.top import TopOptions, run
+from khmon.outputs.top.sources import ChildSource
+src = ChildSource(["--local"], "local capture", argv0=[sys.executable, sys.argv[1]]).start()
+sys.exit(run(TopOptions(), source=src))
+"""
+
+
+def test_quit_restores_the_terminal_before_a_slow_detach(tmp_path: Path) -> None:
+    """khmon top's run(): the terminal is back as soon as q is pressed, while the capture
+    child still takes 3 s to detach its probes; then exit 0."""
+    (tmp_path / "child.py").write_text(SLOW_CHILD)
+    (tmp_path / "harness.py").write_text(HARNESS)
+    py = str(KHMON.parent / "python")
+    with TopPane([str(tmp_path / "child.py")], tmp_path,
+                 command=[py, str(tmp_path / "harness.py")]) as pane:
+        pane.wait_for(lambda s: "compiling" in s, 20, "compiling")
+        t0 = time.monotonic()
+        pane.keys("q")
+        while pane.tmux("display", "-p", "-t", "top", "#{alternate_on}").strip() == "1":
+            assert time.monotonic() - t0 < 2, "the terminal waited for the detach"
+            time.sleep(0.02)
+        restored = time.monotonic() - t0
+        assert not pane.status.exists()  # still detaching
+        assert pane.exit_status(10) == 0
+        done = time.monotonic() - t0
+        assert pane.terminal_restored() == []
+        assert "khmon: waiting for the probes to detach ..." in pane.screen()
+    print(f"terminal restored {restored:.2f} s after q, exit {done:.2f} s after q")
+    assert restored < 1.5 and done > 3

@@ -62,12 +62,14 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def run(opts: TopOptions) -> int:
-    """khmon top from start to end; the exit status."""
+def run(opts: TopOptions, source: sources.Source | None = None) -> int:
+    """khmon top from start to end; the exit status. `source`: one already made (tests),
+    instead of the one the options choose."""
     delay, count = opts.checked()
     interactive = not (opts.batch or opts.once or opts.json) and sys.stdout.isatty() \
         and sys.stdin.isatty()
-    source = sources.choose(opts.socket, opts.local, opts.replay, opts.pid or None)
+    if source is None:
+        source = sources.choose(opts.socket, opts.local, opts.replay, opts.pid or None)
     code = 1
     try:
         if interactive:
