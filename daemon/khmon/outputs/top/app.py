@@ -172,8 +172,6 @@ class TopApp(App[int]):
         self._need = 0  # rows the order table wanted at the last layout
         self._prompt: str | None = None
         self._tops = {"procs": 0, "pmds": 0}
-        self.first_paint_s: float | None = None
-        self._t0 = time.monotonic()
 
     # --- layout --------------------------------------------------------------------------
 
@@ -186,11 +184,6 @@ class TopApp(App[int]):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(sig, lambda c=code: self.exit(return_code=c))
         self._poller = asyncio.create_task(self._poll())
-        self.call_after_refresh(self._painted)
-
-    def _painted(self) -> None:
-        if self.first_paint_s is None:
-            self.first_paint_s = time.monotonic() - self._t0
 
     def _middle_need(self) -> int:
         by_order = dig(self.shown.report if self.shown else {}, "collapse", "by_order")
