@@ -231,10 +231,13 @@ FAKE_CHILD = textwrap.dedent("""
         time.sleep(0.3)
         print("khmon: error: BPF refused (check khmon doctor)", file=sys.stderr)
         sys.exit(1)
-    signal.signal(signal.SIGTERM, lambda *a: (time.sleep(float(mode)), sys.exit(0)))
+    late = mode.startswith("late")  # answers after 2 s, as a child busy compiling
+    signal.signal(signal.SIGTERM, lambda *a: (time.sleep(0 if late else float(mode)),
+                                              sys.exit(0)))
     s = socket.socket(fileno=fd)
     f = s.makefile("rb")
     for line in f:
+        time.sleep(2 if late else 0)
         s.sendall(json.dumps({"ok": False, "error": "compiling", "state": "compiling"}).encode()
                   + b"\\n")
     time.sleep(60)
@@ -280,3 +283,23 @@ def test_child_compiling_then_slow_detach_waits_and_says_so(tmp_path: Path) -> N
     took = time.monotonic() - t0
     assert 2.0 < took < 5 and said == ["khmon: waiting for the probes to detach ..."]
     assert src.proc is not None and src.proc.returncode == 0
+
+
+def test_child_slow_to_answer_is_waited_for_not_dropped(tmp_path: Path) -> None:
+    """A child busy compiling answers late; giving up would close its only socket and stop
+    it (the 7.2 guest's capture never attached so), so its requests wait."""
+    src = fake_child(tmp_path, "late")
+
+    async def go() -> list[str]:
+        out = []
+        for _ in range(2):
+            t0 = time.monotonic()
+            with pytest.raises(NotReady):
+                await src.snapshot(timeout=0.2)
+            out.append(f"{time.monotonic() - t0:.0f}")
+        await src.aclose()
+        return out
+
+    assert run(go()) == ["2", "2"]
+    assert not src.dead and src.epoch == 0
+    assert src.shutdown() is None

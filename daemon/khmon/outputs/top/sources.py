@@ -39,6 +39,7 @@ LINE_LIMIT = 32 << 20  # the longest answer read (a snapshot of TOP processes an
 TIMEOUT_S = 5.0
 CONNECT_TIMEOUT_S = 1.0
 DETACH_WAIT_S = 30.0  # how long quitting waits for a child's probes to detach
+CHILD_TIMEOUT_S = 120.0  # a child not answering for this long is taken for hung
 
 
 class SourceError(Exception):
@@ -150,6 +151,7 @@ class Source:
 
     label = "?"
     replay = False
+    min_timeout = 0.0  # no request gives up sooner (a child has no second connection)
 
     def __init__(self) -> None:
         self.epoch = 0
@@ -175,7 +177,7 @@ class Source:
         if self.conn is None:
             self.conn = await self._connect()
         try:
-            return await self.conn.request(req, timeout)
+            return await self.conn.request(req, max(timeout, self.min_timeout))
         except SourceError as e:
             raise self._failed(self._why(e)) from None
 
@@ -274,7 +276,14 @@ class DaemonSource(Source):
 
 class ChildSource(Source):
     """A child process (khmon.topfeed) serving the protocol on a socketpair: a capture of
-    its own (root, no daemon, or --local) or a replay. Started by start(), before the UI."""
+    its own (root, no daemon, or --local) or a replay. Started by start(), before the UI.
+
+    Its requests wait up to CHILD_TIMEOUT_S: the socketpair is its only connection, and
+    giving up on an answer closes it, which stops the child. While bcc compiles (Python
+    parsing BTF in the same process) an answer can take seconds, and under TCG tens of
+    seconds; the screen never waits for it (the poller does)."""
+
+    min_timeout = CHILD_TIMEOUT_S
 
     def __init__(self, args: list[str], label: str, replay: bool = False,
                  argv0: list[str] | None = None) -> None:
