@@ -259,8 +259,8 @@ class Daemon:
             raise KhmonError(f"cannot listen on {host}:{port}: {why}",
                              "choose another --listen (is another khmon running?)",
                              EXIT_FAIL) from e
-        self.api = ApiServer(self.opts.socket, self._latest, self._pmd,
-                             platform.release()).start()
+        self.api = ApiServer(self.opts.socket, self._latest, self._pmd, platform.release(),
+                             process_pmds=self._process_pmds).start()
         self.api.on_disconnect = self._client_dropped
 
     def _attach(self) -> None:
@@ -268,6 +268,7 @@ class Daemon:
         from .capture.loader import bcc_version
         from .outputs.metrics import DaemonFacts, SnapshotCollector, probe_kinds
         from .pipeline import LivePipeline
+        from .service.api import TOP_MAX
         from .stream.flight import FlightRecorder
 
         t0 = time.monotonic()
@@ -275,7 +276,8 @@ class Daemon:
         if self.stopping:  # told to stop while compiling
             cap.probes.close()
             return
-        self.pipeline = LivePipeline(cap, None, None, exit_grace_s=EXIT_GRACE_S,
+        self.pipeline = LivePipeline(cap, None, None, snapshot_top=TOP_MAX,
+                                     exit_grace_s=EXIT_GRACE_S,
                                      process_labels=self.opts.max_process_labels)
         header = self.pipeline.header
         if self.opts.record_dir is not None:
@@ -334,6 +336,13 @@ class Daemon:
         if self.pipeline is None:
             return None
         return self.pipeline.call(lambda m: m.pmd_json(pid, address))
+
+    def _process_pmds(self, pid: int, top: int) -> list[dict[str, Any]]:
+        from .topfeed import pmds_of  # khmon top's own feed answers the same request
+
+        if self.pipeline is None:
+            return []
+        return self.pipeline.call(lambda m: pmds_of(m, pid, top))
 
     def _service_metrics(self) -> Any:
         from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from .capture.bpfgen import ProbeConfig
 from .capture.live import LiveCapture
-from .model.model import Model, Snapshot, settle
+from .model.model import TOP, Model, Snapshot, settle
 from .stream.parts import END, STATS
 from .stream.recording import Reader, Writer
 
@@ -35,13 +35,15 @@ class LivePipeline:
     """A live capture running into a model (and a recording) on a worker thread."""
 
     def __init__(self, cap: LiveCapture, duration: float | None = None, out: Path | None = None,
-                 keep: bool = False, **model_options: Any) -> None:
+                 keep: bool = False, snapshot_top: int = TOP, **model_options: Any) -> None:
         """`keep`: leave the compiled programs loaded afterwards (cap.reopen() starts
-        another window). `model_options`: khmon.model.model.Model's keyword options (its
-        caps, exit grace and label budget)."""
+        another window). `snapshot_top`: the processes and PMDs each snapshot lists (the
+        daemon's socket serves up to 200). `model_options`: khmon.model.model.Model's keyword
+        options (its caps, exit grace and label budget)."""
         self.cap = cap
         self.duration = duration
         self.keep = keep
+        self.snapshot_top = snapshot_top
         self.header = cap.header()
         self.model = Model(self.header, cap.layouts, **model_options)
         self.writer = Writer(out, self.header) if out is not None else None
@@ -94,7 +96,7 @@ class LivePipeline:
                 if self.writer is not None:
                     self.writer.add(part)
                 if part.kind in (STATS, END):
-                    self.snapshot = self.model.snapshot()
+                    self.snapshot = self.model.snapshot(self.snapshot_top)
                     settle()
         except BaseException as e:  # handed to the main thread by wait()
             self.error = e

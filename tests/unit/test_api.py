@@ -19,6 +19,7 @@ from khmon.errors import KhmonError
 from khmon.model.model import Model, Snapshot
 from khmon.service.api import MAX_LINE, ApiServer
 from khmon.service.client import DaemonClient, daemon_report
+from khmon.topfeed import pmds_of
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,8 @@ def server(tmp_path: Path, model: Model) -> Iterator[ApiServer]:
         gate.wait(10)  # as LivePipeline.call waits for the worker
         return model.pmd_json(pid, address)
 
-    srv = ApiServer(tmp_path / "khmon.sock", lambda: snap, pmd, "7.2.13-test", out_cap=64 << 10)
+    srv = ApiServer(tmp_path / "khmon.sock", lambda: snap, pmd, "7.2.13-test", out_cap=64 << 10,
+                    process_pmds=lambda pid, n: pmds_of(model, pid, n))
     srv.gate = gate  # type: ignore[attr-defined]
     srv.start()
     yield srv
@@ -137,6 +139,10 @@ def test_a_live_socket_is_not_taken_a_stale_one_is(tmp_path: Path, server: ApiSe
     srv = ApiServer(stale, lambda: None, lambda p, a: None, "k").start()
     with DaemonClient(stale) as c, pytest.raises(KhmonError, match="no snapshot yet"):
         c.snapshot()
+    s = _conn(srv)
+    s.sendall(b'{"req": "snapshot"}\n')
+    assert _lines(s, 1)[0]["state"] == "starting"  # what khmon top shows meanwhile
+    s.close()
     srv.stop()
     assert not stale.exists()
 
@@ -172,3 +178,17 @@ def test_a_bug_answering_one_client_costs_only_that_client(tmp_path: Path,
             assert c.hello()["ok"]
     finally:
         srv.stop()
+
+
+def test_snapshot_with_a_pid_has_that_process_pmds(server: ApiServer, model: Model) -> None:
+    """khmon top's PMD panel for a process that is not among the most recently active."""
+    pid = model.report()["processes"][-1]["pid"]
+    s = _conn(server)
+    s.sendall(json.dumps({"req": "snapshot", "top": 3, "pid": pid}).encode() + b"\n"
+              + b'{"req": "snapshot", "pid": "x"}\n')
+    ans, bad = _lines(s, 2)
+    assert ans["ok"] and ans["process_pmds"]["pid"] == pid
+    mine = ans["process_pmds"]["pmds"]
+    assert 0 < len(mine) <= 3 and all(p["pid"] == pid for p in mine)
+    assert len(ans["report"]["processes"]) == 3
+    assert not bad["ok"] and "pid" in bad["error"]

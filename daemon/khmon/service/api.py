@@ -41,6 +41,7 @@ MAX_LINE = 64 * 1024
 OUT_CAP = 1 << 20
 MAX_CLIENTS = 64
 TOP_DEFAULT = 20
+TOP_MAX = 200  # list entries per answer at most (the daemon's snapshots hold this many)
 GROUP = "khmon"
 REQUESTS = ("hello", "snapshot", "pmd")
 
@@ -60,10 +61,16 @@ class ApiServer:
 
     def __init__(self, path: Path, latest: Callable[[], Snapshot | None],
                  pmd: Callable[[int, int], dict[str, Any] | None], kernel: str,
-                 out_cap: int = OUT_CAP, max_clients: int = MAX_CLIENTS) -> None:
+                 out_cap: int = OUT_CAP, max_clients: int = MAX_CLIENTS,
+                 process_pmds: Callable[[int, int], list[dict[str, Any]]] = lambda p, n: []
+                 ) -> None:
+        """`pmd(pid, address)`: one PMD's record; `process_pmds(pid, n)`: that process's
+        n most recently active ones. Both read the model itself (the pipeline's worker
+        runs them) and may take a poll interval."""
         self.path = path
         self.latest = latest
         self.pmd = pmd
+        self.process_pmds = process_pmds
         self.out_cap = out_cap
         self.max_clients = max_clients
         self.hello = {"ok": True, "khmon": __version__, "protocol": PROTOCOL, "pid": os.getpid(),
@@ -203,29 +210,53 @@ class ApiServer:
         if kind == "hello":
             self._send(c, _encode(self.hello))
         elif kind == "snapshot":
-            self._send(c, self._snapshot(req.get("top", TOP_DEFAULT)))
+            pid = req.get("pid")
+            if pid is None:
+                self._send(c, self._snapshot(req.get("top", TOP_DEFAULT)))
+            else:
+                self._snapshot_of(c, pid, req.get("top", TOP_DEFAULT))
         else:
             self._ask_pmd(c, req)
 
     def _snapshot(self, top: Any) -> bytes:
-        if not isinstance(top, int) or isinstance(top, bool) or top < 0:
-            return _error("top is a count of list entries (0 or more)")
-        snap = self.latest()
-        if snap is None:
-            return _error("no snapshot yet: the daemon is still attaching its probes")
-        top = min(top, max(len(snap.report["processes"]), len(snap.report["pmds"])))
+        """The latest snapshot's answer, encoded once per (snapshot, list cap)."""
+        snap, top, err = self._snapshot_args(top)
+        if err is not None:
+            return err
         hit = self._cache.get(top)
         if hit is not None and hit[0] == snap.seq:
             return hit[1]
-        r = snap.report
-        body = _encode({"ok": True, "seq": snap.seq, "mono_ns": snap.mono_ns, "wall": snap.wall,
-                        "report": {**r, "processes": r["processes"][:top],
-                                   "pmds": r["pmds"][:top]},
-                        "processes_total": snap.processes_total, "pmds_total": snap.pmds_total})
+        body = _encode(_snapshot_answer(snap, top))
         if len(self._cache) > 8:
             self._cache.clear()
         self._cache[top] = (snap.seq, body)
         return body
+
+    def _snapshot_args(self, top: Any) -> tuple[Any, int, bytes | None]:
+        if not isinstance(top, int) or isinstance(top, bool) or top < 0:
+            return None, 0, _error("top is a count of list entries (0 or more)")
+        snap = self.latest()
+        if snap is None:
+            return None, 0, _encode({"ok": False, "state": "starting", "error": "no snapshot "
+                                     "yet: the daemon is still attaching its probes"})
+        return snap, min(top, TOP_MAX), None
+
+    def _snapshot_of(self, c: _Client, pid: Any, top: Any) -> None:
+        """A snapshot with that process's own most recently active PMD records beside it
+        (process_pmds), which the model gives on the worker: answered like a pmd request."""
+        snap, top, err = self._snapshot_args(top)
+        if err is None and (not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0):
+            err = _error("pid is a process id (a number above 0)")
+        if err is not None:
+            self._send(c, err)
+            return
+
+        def answer() -> bytes:
+            pmds = self.process_pmds(pid, top)
+            return _encode({**_snapshot_answer(snap, top),
+                            "process_pmds": {"pid": pid, "pmds": pmds[:top]}})
+
+        self._later(c, answer)
 
     def _ask_pmd(self, c: _Client, req: dict[str, Any]) -> None:
         pid, address = req.get("pid"), req.get("address")
@@ -239,22 +270,33 @@ class ApiServer:
             self._send(c, _error('a pmd request names a pid (a number) and an address '
                                  '("0x7f...200000" or a number)'))
             return
+
+        def answer() -> bytes:
+            rec = self.pmd(pid, address)
+            return _encode({"ok": True, "pmd": rec}) if rec is not None \
+                else _error("no such PMD record")
+
+        self._later(c, answer)
+
+    def _later(self, c: _Client, answer: Callable[[], bytes]) -> None:
+        """Answer on the helper thread (it waits for the model); this client's later
+        requests wait, other clients are served meanwhile."""
         c.waiting = True
         self._want_input(c)
         fd, cid = c.sock.fileno(), c.cid
 
-        def ask() -> None:
+        def run() -> None:
             try:
-                rec = self.pmd(pid, address)
-                body = _encode({"ok": True, "pmd": rec}) if rec is not None \
-                    else _error("no such PMD record")
+                body = answer()
             except TimeoutError as e:
                 body = _error(f"the model is not answering ({e or 'busy'})")
+            except Exception as e:  # a bug: this client gets the error, the server goes on
+                body = _error(f"{type(e).__name__}: {e}")
             with self._lock:
                 self._done.append((fd, cid, body))
             self._wake()
 
-        self._pool.submit(ask)
+        self._pool.submit(run)
 
     def _finish_pmds(self) -> None:
         with self._lock:
@@ -317,6 +359,13 @@ class ApiServer:
         with contextlib.suppress(KeyError, ValueError):
             self._sel.unregister(c.sock)
         c.sock.close()
+
+
+def _snapshot_answer(snap: Snapshot, top: int) -> dict[str, Any]:
+    r = snap.report
+    return {"ok": True, "seq": snap.seq, "mono_ns": snap.mono_ns, "wall": snap.wall,
+            "report": {**r, "processes": r["processes"][:top], "pmds": r["pmds"][:top]},
+            "processes_total": snap.processes_total, "pmds_total": snap.pmds_total}
 
 
 def _encode(obj: dict[str, Any]) -> bytes:
