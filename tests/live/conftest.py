@@ -17,7 +17,7 @@ from khmon.capture.live import LiveCapture
 from khmon.kernel import sysfs
 from khmon.pipeline import capture
 from khmon.workload import Workloads
-from tests.support.live import require_root
+from tests.support.live import deselect_host_only, require_root
 
 # Fast scanning so a test's workload is collapsed in seconds.
 FAST = {"enabled": "madvise", "khugepaged/scan_sleep_millisecs": "100"}
@@ -25,6 +25,7 @@ FAST = {"enabled": "madvise", "khugepaged/scan_sleep_millisecs": "100"}
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     require_root(items)
+    deselect_host_only(config, items)
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from khmon.kernel import sysfs
+from tests.support.live import UNDER_TCG
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,7 +40,6 @@ def test_replay_benchmark_runs() -> None:
 # 6.1 guest's khugepaged oopsed calling a half-patched static call (RIP 0), as the 7.2 guest
 # once did on an int3. There the benchmark runs without its khmon windows; on the host, in
 # CI, with them.
-UNDER_TCG = os.environ.get("KHMON_TCG_GUEST") == "1"
 
 
 def test_overhead_benchmark_runs_and_restores() -> None:

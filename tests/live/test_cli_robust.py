@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.live import UNDER_TCG
+
 pytestmark = pytest.mark.live
 KHMON = [sys.executable, "-m", "khmon"]
 # Every case here is a khmon process of its own, so a compile: 35 to 75 s in the QEMU/TCG
-# guests (tests/vm/run.sh sets this). What is tested is user space (signals, stderr), so
-# there each behaviour is proven once and its variants run on the host only.
-UNDER_TCG = os.environ.get("KHMON_TCG_GUEST") == "1"
-HOST_ONLY = pytest.mark.skipif(UNDER_TCG, reason="a variant of a case that runs here too; "
-                               "one compile saved under TCG")
+# guests. What is tested is user space (signals, stderr), so there each behaviour is proven
+# once and its variants run on the host only (deselected in the guests, tests/support/live.py).
+HOST_ONLY = pytest.mark.host_only
 
 
 def _report(path: Path) -> dict:

@@ -32,14 +32,14 @@ from khmon.kernel import sysfs
 from khmon.outputs.top.rates import counters
 from khmon.workload import Workloads
 from tests.support.daemon import KHMON, bpf_programs_of, running_daemon
+from tests.support.live import UNDER_TCG
 from tests.support.thp import mthp_knobs
 from tests.support.tmux import TopPane
 
 PMDS = 8
 COMM = "[/]"
-TCG = os.environ.get("KHMON_TCG_GUEST") == "1"
-ATTACH_S = 300.0 if TCG else 60.0  # a bcc compile: ~0.5 s on the host, 30-75 s under TCG
-WORK_S = 180.0 if TCG else 60.0
+ATTACH_S = 300.0 if UNDER_TCG else 60.0  # a bcc compile: ~0.5 s on the host, 30-75 s under UNDER_TCG
+WORK_S = 180.0 if UNDER_TCG else 60.0
 FAST = {"enabled": "madvise", "khugepaged/scan_sleep_millisecs": "100"}
 UFFD_ORDERS = range(4, 10)
 FORMAT = Path("/sys/kernel/tracing/events/huge_memory/mm_collapse_huge_page/format")

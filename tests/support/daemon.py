@@ -32,11 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.support.live import UNDER_TCG
+
 ROOT = Path(__file__).resolve().parents[2]
 KHMON = ROOT / ".venv" / "bin" / "khmon"
-IN_TCG = os.environ.get("KHMON_TCG_GUEST") == "1"
-READY_TIMEOUT = 300.0 if IN_TCG else 60.0  # a bcc compile: ~0.5 s on the host, 30-75 s in TCG
-STOP_TIMEOUT = 60.0 if IN_TCG else 10.0
+READY_TIMEOUT = 300.0 if UNDER_TCG else 60.0  # a bcc compile: ~0.5 s on the host, 30-75 s in TCG
+STOP_TIMEOUT = 60.0 if UNDER_TCG else 10.0
 # Options the environment could set behind a test's back (the daemon reads KHMON_LISTEN ...).
 DAEMON_ENV = ("KHMON_LISTEN", "KHMON_TLS_CERT", "KHMON_TLS_KEY", "KHMON_SOCKET",
               "KHMON_RECORD_DIR", "KHMON_RECORD_MAX_BYTES", "KHMON_PID",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-IN_GUEST = os.environ.get("KHMON_TCG_GUEST") == "1"
+from tests.support.live import UNDER_TCG
 
 
 def _systemd_is_pid1() -> bool:
@@ -27,7 +27,7 @@ def _systemd_is_pid1() -> bool:
 
 
 SYSTEMD = _systemd_is_pid1()
-if not SYSTEMD and not IN_GUEST:
+if not SYSTEMD and not UNDER_TCG:
     collect_ignore_glob = ["test_*.py"]  # the host: PID 1 is not systemd
 
 TIMINGS: dict[str, float] = {}  # what the tests measured (each name says its unit)
