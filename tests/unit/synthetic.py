@@ -40,6 +40,7 @@ class _Proc:
     comm: bytes
     pmds: list[int]  # PMD addresses
     uffd: set[int]  # the userfaultfd-armed ones
+    plain: list[int]  # the others
     collapsed: set[int]
     dies_at: int  # stream second
 
@@ -49,7 +50,10 @@ class SyntheticStream:
 
     def __init__(self, processes: int = 100, pmds_per_process: int = 2000,
                  scanned_per_s: int = 50_000, repeats: int = 20, uffd_share: float = 0.02,
-                 lifetime_s: tuple[int, int] = (5, 30), seconds: int = 60, seed: int = 1) -> None:
+                 lifetime_s: tuple[int, int] = (5, 30), seconds: int = 60, seed: int = 1,
+                 max_events: int | None = None) -> None:
+        """`seconds` of stream time, or fewer: the stream ends with the first second that
+        brings its events to `max_events`."""
         self.lays = func_layouts_72()
         by = by_name(self.lays)
         self.scan, self.col = by["fn_pmd_scan"], by["fn_collapse"]
@@ -61,7 +65,7 @@ class SyntheticStream:
                for o in range(2, 10)}})
         self.n_procs, self.per_proc = processes, pmds_per_process
         self.scanned_per_s, self.repeats, self.uffd_share = scanned_per_s, repeats, uffd_share
-        self.lifetime, self.seconds = lifetime_s, seconds
+        self.lifetime, self.seconds, self.max_events = lifetime_s, seconds, max_events
         self.rng = random.Random(seed)
         self._mm_pool = [0xFFFF_8880_0000_0000 + i * 0x4000 for i in range(processes * 2)]
         self._next_pid = 1000
@@ -85,19 +89,19 @@ class SyntheticStream:
         pmds = [base + i * (2 << 20) for i in range(self.per_proc)]
         uffd = {a for a in pmds if self.rng.random() < self.uffd_share}
         lo, hi = self.lifetime
-        return _Proc(self._next_pid, mm, f"job-{self._next_pid % 37}".encode(), pmds, uffd, set(),
-                     now_s + self.rng.randint(lo, hi))
+        return _Proc(self._next_pid, mm, f"job-{self._next_pid % 37}".encode(), pmds, uffd,
+                     [a for a in pmds if a not in uffd], set(), now_s + self.rng.randint(lo, hi))
 
     def parts(self) -> Iterator[Part]:
         procs = [self._spawn(0) for _ in range(self.n_procs)]
         for sec in range(self.seconds):
             t0 = START_NS + sec * SEC
-            targets = [(p, a) for p in procs for a in p.pmds if a not in p.uffd]
-            step = max(1, len(targets) // self.scanned_per_s)
             # khugepaged's scan moves on: a different share of the PMDs each second; the
             # uffd-armed ones it never gets to collapse come back every second (futile rescans)
             chosen = [(p, a) for p in procs for a in p.uffd]
-            chosen += targets[sec % step::step][:max(0, self.scanned_per_s - len(chosen))]
+            budget = max(0, self.scanned_per_s - len(chosen))
+            step = max(1, sum(len(p.plain) for p in procs) // max(1, budget))
+            chosen += [(p, a) for p in procs for a in p.plain[sec % step::step]][:budget]
             out: list[tuple[EventLayout, bytes]] = []  # in one thread's delivery order
             ts = t0
             for p, addr in chosen:
@@ -150,7 +154,9 @@ class SyntheticStream:
                 procs.append(self._spawn(sec))
             yield Part("S", meta={"mono_ns": t0 + SEC, "wall": "synthetic",
                                   "exited": [p.pid for p in exited]})
-        yield Part("E", meta={"mono_ns": START_NS + self.seconds * SEC, "wall": "synthetic"})
+            if self.max_events is not None and self.events >= self.max_events:
+                break
+        yield Part("E", meta={"mono_ns": t0 + SEC, "wall": "synthetic"})
 
 
 def _runs(recs: list[tuple[EventLayout, bytes]]) -> Iterator[Part]:
