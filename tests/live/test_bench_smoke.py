@@ -35,6 +35,17 @@ def test_replay_benchmark_runs() -> None:
     assert re.search(r"^target >= 1,000,000 events/s: (MET|MISSED)$", p.stdout, re.M)
 
 
+def test_soak_benchmark_runs() -> None:
+    """Its last line has every figure, and the model's totals never went down (monotonic is
+    a property of the model, not a speed)."""
+    p = _bench("bench/soak.py", "--events", "3000000", timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    last = p.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"soak: events=\d+ events_per_s=\d+ rss_mb_10=[\d.]+ rss_mb_50=[\d.]+ "
+                        r"rss_mb_100=[\d.]+ snapshot_ms_p99=[\d.]+ pmds_tracked_max=\d+ "
+                        r"evicted=\d+ monotonic=yes", last), p.stdout[-2000:]
+
+
 # In the QEMU/TCG guests (tests/vm/run.sh sets this), attaching or detaching probes while
 # khugepaged scans flat out races TCG's handling of code patched under a running vCPU: the
 # 6.1 guest's khugepaged oopsed calling a half-patched static call (RIP 0), as the 7.2 guest

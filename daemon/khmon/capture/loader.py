@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import KhmonError
+from ..kernel.privilege import require_capture
 from ..kernel.tracefs import SYSTEM
 from ..stream.layout import EventLayout
 from .bpfgen import OwnerOffsets, ProbeConfig, generate
@@ -65,8 +66,7 @@ class LiveProbes:
         """Compile, load and attach. before_attach() runs between compiling (half a minute
         or more in a TCG guest) and attaching: where the caller reads the kernel's counters,
         so their window is khmon's. `uffd_mask`: VM_UFFD_* bits, for the exact counts."""
-        if os.geteuid() != 0:
-            raise KhmonError("live capture needs root (BPF and tracefs)", "run with sudo")
+        require_capture()  # root, or the capabilities and tracefs access (kernel.privilege)
         # doctor's kprobe trial rides along in the same program: compiling takes ~30 s in a
         # TCG guest, so every compile saved counts.
         stub = "\nint khmon_kprobe_stub(void *ctx) { return 0; }\n" if with_kprobe_stub else ""
