@@ -195,10 +195,14 @@ def test_flight_recorder_new_file_on_sighup_and_reads_while_written(run: Run) ->
     first = (run.record_dir / "current.khrec").resolve()
     d.proc.send_signal(signal.SIGHUP)
     deadline = time.monotonic() + 10
-    while (run.record_dir / "current.khrec").resolve() == first and time.monotonic() < deadline:
+
+    def rotated() -> bool:  # current.khrec is re-pointed just before the line is logged
+        now = (run.record_dir / "current.khrec").resolve()
+        return now != first and f"flight recorder: now writing {now}" in d.stderr_text()
+    while not rotated() and time.monotonic() < deadline:
         time.sleep(0.1)
     second = (run.record_dir / "current.khrec").resolve()
-    assert second != first and "flight recorder: now writing" in d.stderr_text()
+    assert rotated(), (first, second, d.stderr_text()[-2000:])
     old = json.loads(subprocess.run([str(KHMON), "report", str(first), "--json"],
                                     capture_output=True, text=True, check=True).stdout)
     assert old["window"]["complete"] and not old["warnings"]
