@@ -85,8 +85,9 @@ def test_uffd_waste_stays_exact_when_detail_records_are_lost(live_capture: LiveC
     in the guest) into a one-page ring buffer: most detail records are refused, and counted
     lost. The per-order attempts and uffd_isolate come from the kernel's exact map, so they
     still equal the per-order collapse_alloc deltas, exactly. Kernels before the mTHP series
-    (no per-order stats) refuse a uffd VMA at the scan: there both sides are 0, checked with
-    the shared capture (no second compile, which costs a minute in a TCG guest)."""
+    (no per-order stats) refuse a uffd VMA at the scan: there the kernel's scan refusals are
+    counted and the workload has no attempt, checked with the shared capture (no second
+    compile, which costs a minute in a TCG guest)."""
     per_order_kernel = any(sysfs.THP.glob("hugepages-*kB/stats/collapse_alloc"))
     knobs = {"khugepaged/max_ptes_none": "511", "khugepaged/scan_sleep_millisecs": "10",
              "enabled": "madvise", **_mthp_knobs(range(4, 10))}
@@ -105,7 +106,13 @@ def test_uffd_waste_stays_exact_when_detail_records_are_lost(live_capture: LiveC
     delta = report["kernel_counters"]["delta"]
     uffd = report["wasted"]["by_reason"].get("uffd_isolate", {"attempts": 0})
     if not per_order_kernel:
-        assert report["collapse"]["attempts"] == delta.get("thp_collapse_alloc", 0) == 0
+        # Refused at the scan, as the kernel counts it too (thp_scan_exceed_none_pte): the
+        # workload's PMDs get no attempt and there is no uffd_isolate waste. (The system-wide
+        # thp_collapse_alloc is no ground truth here: in the 6.1 guest it once counted one
+        # collapse that khmon did not see, most likely a file's: 6.1 has no tracepoint for it.)
+        assert delta.get("thp_scan_exceed_none_pte", 0) > 0, delta
+        mine = next(p for p in report["processes"] if p["pid"] == work.procs[0].pid)
+        assert mine["scans"] > 0 and mine["collapse_attempts"] == 0, mine
         assert uffd["attempts"] == 0
         return
     allocs = {str((int(k[len("hugepages-"):k.index("kB")]) // 4).bit_length() - 1): v
