@@ -121,7 +121,11 @@ def test_uffd_waste_stays_exact_when_detail_records_are_lost(live_capture: LiveC
     tp = {o: v["attempts"] for o, v in report["collapse"]["by_order"].items()}
     lost = report["accounting"]["fn_collapse"]["lost"]
     assert calls == tp == allocs, (calls, tp, allocs, lost)
-    assert uffd["attempts"] == sum(allocs.values()) > 0, (uffd, allocs, lost)
+    # Only the attempts of a scan already under way when the probes attached lack the VMA's
+    # flags (one PMD's pass at most: 63 attempts over orders 4..9); they are said.
+    unknown = report["wasted"]["vma_unknown"]["attempts"]
+    assert uffd["attempts"] + unknown == sum(allocs.values()) > 0, (uffd, unknown, allocs, lost)
+    assert unknown <= 63, unknown
     # the detail was lost, and said so: the PMD records that lost some say how much
     assert lost > 0 and report["lost_events"] >= lost
     print(f"uffd attempts {uffd['attempts']} = collapse_alloc {sum(allocs.values())}; "

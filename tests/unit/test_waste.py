@@ -141,3 +141,17 @@ def test_uffd_isolate_is_exact_when_detail_records_are_lost() -> None:
     assert r["collapse"]["by_order"]["8"]["attempts"] == 2
     assert r["functions"]["collapse_huge_page"]["by_uffd"] == {"yes": 7}
     assert r["exact_counts"] is True
+
+
+def test_attempts_without_vma_flags_are_said_and_bound_uffd_isolate() -> None:
+    # The kernel counted 5 uffd attempts at order 9 and 3 at order 8 whose scan began before
+    # the per-PMD probe attached (uffd unknown, 2): those count under alloc_then_fail and are
+    # said as vma_unknown, so uffd_isolate + vma_unknown = every wasted folio of the window.
+    m = model_of(list(LAYS.values()), visit(UFFD_WALK, EVERY4TH, UFFD), BITS, end=False)
+    status = STATUS["exceed_none_pte"]
+    exact = {"fn_collapse": [[9, status, 1, 5, 5000, 1000], [8, status, 2, 3, 3000, 1000]]}
+    m.add(Part("E", meta={"mono_ns": 10**13, "probe": {"exact": exact, "seen": {}, "lost": {}}}))
+    w = m.report()["wasted"]
+    assert w["vma_unknown"] == {"attempts": 3, "bytes": 3 * MiB, "seconds": 3e-6}
+    assert cost(w, "uffd_isolate") == (5, 5 * 2 * MiB, 5e-6)
+    assert cost(w, "alloc_then_fail")[0] == 3

@@ -39,7 +39,7 @@ from ..stream.events import (
 from ..stream.layout import EventLayout, layouts_from_header
 from ..stream.parts import END, PAGES, RECORDS, STATS, Part
 from .correlate import DEFAULT_PMD_CAP, Correlator
-from .counts import UFFD_YES, Cell, EventCounts, ExactCounts
+from .counts import UFFD_UNKNOWN, UFFD_YES, Cell, EventCounts, ExactCounts
 from .processes import DEFAULT_CAP as DEFAULT_PROCESS_CAP
 from .processes import DEFAULT_LABELS, ProcessTable
 from .records import Cost, ProcessRecord
@@ -298,16 +298,21 @@ class Model:
                 for status, order in {*mine, *exact}]
 
     def _exact_waste(self) -> dict[str, Cost] | None:
-        """uffd_isolate and alloc_then_fail as the kernel counted them (fn_collapse)."""
+        """uffd_isolate and alloc_then_fail as the kernel counted them (fn_collapse), and
+        `vma_unknown`: the wasted folios among them whose VMA flags the probes did not see
+        (counted under alloc_then_fail; an attempt in a scan that began before the per-PMD
+        probe attached has no flags), so a reader can bound uffd_isolate from above."""
         if not self.exact.present:
             return None
         cells = self.exact.cells.get(FN_COLLAPSE, [])
-        out = {"uffd_isolate": Cost(), "alloc_then_fail": Cost()}
+        out = {"uffd_isolate": Cost(), "alloc_then_fail": Cost(), "vma_unknown": Cost()}
         for c in cells:
             if wasted_folio(c.status):
-                reason = "uffd_isolate" if c.uffd == UFFD_YES else "alloc_then_fail"
-                out[reason].add(c.count, c.count * folio_bytes(c.order if c.order is not None
-                                                               else PMD_ORDER), c.dur_sum)
+                cost = (c.count, c.count * folio_bytes(c.order if c.order is not None
+                                                       else PMD_ORDER), c.dur_sum)
+                out["uffd_isolate" if c.uffd == UFFD_YES else "alloc_then_fail"].add(*cost)
+                if c.uffd == UFFD_UNKNOWN:
+                    out["vma_unknown"].add(*cost)
         return out
 
     def _functions(self, cells: dict[str, list[Cell]]) -> dict[str, Any]:

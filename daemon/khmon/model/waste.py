@@ -164,7 +164,8 @@ class Waste:
     def to_json(self, processes: Iterable[ProcessRecord],
                 exact: dict[str, Cost] | None = None) -> dict[str, Any]:
         """wasted.by_reason.<reason>: attempts, bytes, seconds, top processes and PMDs.
-        `exact`: the in-kernel totals of uffd_isolate and alloc_then_fail."""
+        `exact`: the in-kernel totals of uffd_isolate and alloc_then_fail, and of the wasted
+        folios whose VMA the probes did not see (wasted.vma_unknown)."""
         procs = list(processes)
         out: dict[str, Any] = {}
         for reason in REASONS:
@@ -182,7 +183,10 @@ class Waste:
                                               **p.waste[reason].to_json()} for p in owners],
                            "top_pmds": [{"pid": p.process.pid or None, "address": hex(p.address),
                                          **p.waste[reason].to_json()} for p in pmds]}
-        return {"available": True, "by_reason": out}
+        result: dict[str, Any] = {"available": True, "by_reason": out}
+        if exact is not None and "vma_unknown" in exact:
+            result["vma_unknown"] = exact["vma_unknown"].to_json()
+        return result
 
 
 def unavailable() -> dict[str, Any]:
