@@ -5,7 +5,9 @@
 #
 # Writes <root>/etc/systemd/system/khmon.service from systemd/khmon.service, with ExecStart
 # pointing at this checkout's .venv/bin/khmon (and ProtectHome=read-only when the checkout
-# is under /home or /root, which ProtectHome=yes would hide), and <root>/etc/default/khmon
+# is under /home or /root, which ProtectHome=yes would hide; and the checkout bound read-only
+# into the service's private /tmp when it lives under /tmp or /var/tmp, which PrivateTmp=yes
+# would hide), and <root>/etc/default/khmon
 # from systemd/khmon.env unless one is there already (it holds the local choices). Then,
 # where systemd runs (and --root is /), `systemctl daemon-reload`. Start it with
 # `systemctl enable --now khmon`. --root installs into another tree (the unit tests use it).
@@ -22,10 +24,11 @@ while (($#)); do
 done
 khmon="$repo/.venv/bin/khmon"
 [[ -x "$khmon" ]] || die "$khmon is missing (run make setup first)"
+protect_home=yes
+bind=""
 case "$repo" in
-/tmp/* | /var/tmp/*) die "the checkout $repo is under a temp directory, which the unit's PrivateTmp=yes hides from the service (clone it elsewhere)" ;;
+/tmp/* | /var/tmp/*) bind="BindReadOnlyPaths=$repo" ;;
 /home/* | /root/* | /run/user/*) protect_home=read-only ;;
-*) protect_home=yes ;;
 esac
 [[ "$repo" != *[[:space:]#]* ]] || die "the checkout path '$repo' has a space or '#' in it, which ExecStart= cannot take (clone it elsewhere)"
 [[ $root == / || $(id -u) == 0 || -w "$root" ]] || die "cannot write to $root"
@@ -37,6 +40,7 @@ mkdir -p "$unit_dir" "$env_dir"
 sed -e "s#^ExecStart=/usr/local/lib/khmon/.venv/bin/khmon #ExecStart=$khmon #" \
     -e "s#^ProtectHome=.*#ProtectHome=$protect_home#" \
     -e "s#^Documentation=.*#Documentation=file://$repo/README.md#" \
+    -e "s#^PrivateTmp=yes\$#&${bind:+\\n$bind}#" \
     "$repo/systemd/khmon.service" >"$unit_dir/khmon.service.tmp"
 grep -q "^ExecStart=$khmon daemon" "$unit_dir/khmon.service.tmp" || die "systemd/khmon.service has no ExecStart line to rewrite"
 chmod 0644 "$unit_dir/khmon.service.tmp"
