@@ -69,12 +69,10 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=20,
                     help="rescans a deduplicated record stands for")
     args = ap.parse_args()
-    per_second = args.scanned_per_s * 2 * args.repeats  # fn and tracepoint scans, roughly
-    seconds = 2 * max(10, -(-args.events // per_second))  # ends once args.events are out
     stream = SyntheticStream(processes=args.processes, pmds_per_process=args.pmds_per_process,
                              scanned_per_s=args.scanned_per_s, repeats=args.repeats,
                              uffd_share=args.uffd_share, lifetime_s=tuple(args.lifetime),
-                             seconds=seconds, max_events=args.events)
+                             seconds=None, max_events=args.events)
     model = Model(stream.header, stream.lays, exit_grace_s=args.exit_grace)
     print(f"soak: {args.events:,} events, {args.processes} processes x "
           f"{args.pmds_per_process} PMDs live, {args.scanned_per_s:,} visited a second, "

@@ -38,7 +38,7 @@ from tests.support.tmux import TopPane
 
 PMDS = 8
 COMM = "[/]"
-ATTACH_S = 300.0 if UNDER_TCG else 60.0  # a bcc compile: ~0.5 s on the host, 30-75 s under UNDER_TCG
+ATTACH_S = 300.0 if UNDER_TCG else 60.0  # a bcc compile: ~0.5 s on the host, 30-75 s under TCG
 WORK_S = 180.0 if UNDER_TCG else 60.0
 FAST = {"enabled": "madvise", "khugepaged/scan_sleep_millisecs": "100"}
 UFFD_ORDERS = range(4, 10)

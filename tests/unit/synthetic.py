@@ -14,6 +14,7 @@ them on one khugepaged thread; the generator is deterministic for a seed.
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -50,10 +51,10 @@ class SyntheticStream:
 
     def __init__(self, processes: int = 100, pmds_per_process: int = 2000,
                  scanned_per_s: int = 50_000, repeats: int = 20, uffd_share: float = 0.02,
-                 lifetime_s: tuple[int, int] = (5, 30), seconds: int = 60, seed: int = 1,
+                 lifetime_s: tuple[int, int] = (5, 30), seconds: int | None = 60, seed: int = 1,
                  max_events: int | None = None) -> None:
-        """`seconds` of stream time, or fewer: the stream ends with the first second that
-        brings its events to `max_events`."""
+        """`seconds` of stream time (None: no limit), or fewer: the stream ends with the
+        first second that brings its events to `max_events`."""
         self.lays = func_layouts_72()
         by = by_name(self.lays)
         self.scan, self.col = by["fn_pmd_scan"], by["fn_collapse"]
@@ -94,7 +95,7 @@ class SyntheticStream:
 
     def parts(self) -> Iterator[Part]:
         procs = [self._spawn(0) for _ in range(self.n_procs)]
-        for sec in range(self.seconds):
+        for sec in itertools.count() if self.seconds is None else range(self.seconds):
             t0 = START_NS + sec * SEC
             # khugepaged's scan moves on: a different share of the PMDs each second; the
             # uffd-armed ones it never gets to collapse come back every second (futile rescans)

@@ -184,7 +184,7 @@ class Waste:
                            "top_pmds": [{"pid": p.process.pid or None, "address": hex(p.address),
                                          **p.waste[reason].to_json()} for p in pmds]}
         result: dict[str, Any] = {"available": True, "by_reason": out}
-        if exact is not None and "vma_unknown" in exact:
+        if exact is not None:
             result["vma_unknown"] = exact["vma_unknown"].to_json()
         return result
 
