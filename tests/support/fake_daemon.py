@@ -23,7 +23,8 @@ SnapshotFn = Callable[[int, dict[str, Any]], dict[str, Any]]
 
 class FakeDaemon:
     """`report(seq, request)` gives the report of the seq-th snapshot. `delay` seconds pass
-    before each answer; `raw` (bytes) replaces the next answer but a hello's, to send garbage."""
+    before each answer; `raw` (bytes) replaces the next answer but a hello's, to send garbage;
+    `repeats` snapshot answers after the next one repeat its seq (no new snapshot made yet)."""
 
     def __init__(self, path: Path, report: SnapshotFn, pid: int = 4242) -> None:
         self.path = path
@@ -33,6 +34,8 @@ class FakeDaemon:
         self.seq = 0
         self.delay = 0.0
         self.raw: bytes | None = None
+        self.repeats = 0
+        self._repeat_left = 0
         self.requests: list[dict[str, Any]] = []
         self.pmds: dict[tuple[int, str], dict[str, Any]] = {}
         self._listener: socket.socket | None = None
@@ -103,7 +106,11 @@ class FakeDaemon:
             return {"ok": True, "khmon": "test", "protocol": 1, "pid": self.pid,
                     "started": self.started, "kernel": "test"}
         if kind == "snapshot":
-            self.seq += 1
+            if self._repeat_left and self.seq:
+                self._repeat_left -= 1
+            else:
+                self.seq += 1
+                self._repeat_left = self.repeats
             rep = self.report(self.seq, req)
             return {"ok": True, "seq": self.seq, "mono_ns": self.seq * 1_000_000_000,
                     "wall": None, "report": rep, "processes_total": len(rep.get("processes", ())),

@@ -5,6 +5,8 @@ processes that die or take long to detach."""
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import os
 import subprocess
 import sys
@@ -18,7 +20,7 @@ from synthetic import SyntheticStream
 from topdata import frames, write_recording
 
 from khmon.errors import KhmonError
-from khmon.outputs.top import sources
+from khmon.outputs.top import batch, sources
 from khmon.outputs.top.rates import Point, RateKeeper, counters
 from khmon.outputs.top.sources import ChildSource, DaemonSource, NotReady, SourceError
 from tests.support.fake_daemon import fake_daemon
@@ -140,6 +142,19 @@ def test_slow_and_garbled_answers_fail_one_refresh(sock: Path) -> None:
         msgs = run(go())
     assert msgs[0].startswith("0.3") and "no answer to snapshot" in msgs[0]
     assert "not JSON" in msgs[1] and "without report or seq" in msgs[2] and msgs[3] == "True"
+
+
+def test_batch_prints_each_snapshot_once(sock: Path) -> None:
+    """A daemon snapshots once a second, so a batch refresh can find the one it printed last:
+    it asks again rather than print it twice (the 6.1 guest's `top -b -n 3 --json` printed
+    seq 17, 17, 19)."""
+    with fake_daemon(sock, by_seq) as d:
+        d.repeats = 2
+        out, err = io.StringIO(), io.StringIO()
+        code = run(batch._loop(DaemonSource(sock), 0.0, 3, True, out, err, asyncio.Event(), [0]))
+    assert code == 0 and err.getvalue() == ""
+    assert [json.loads(line)["seq"] for line in out.getvalue().splitlines()] == [1, 2, 3]
+    assert [r["req"] for r in d.requests].count("snapshot") == 7  # 1, 1, 1, 2, 2, 2, 3
 
 
 def test_pmd_request_and_not_ready(sock: Path) -> None:

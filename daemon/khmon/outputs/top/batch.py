@@ -77,8 +77,9 @@ async def _loop(source: Source, delay: float | None, count: int | None, as_json:
     width = shutil.get_terminal_size((160, 50)).columns
     n = 0
     wait = delay if delay is not None else (0.0 if source.replay else 1.0)
+    last: tuple[str, int, int] | None = None
+    started = time.monotonic()
     while not stop.is_set() and (count is None or n < count):
-        started = time.monotonic()
         try:
             frame = await source.snapshot(step=1 if source.replay else None,
                                           timeout=max(5.0, 2 * wait))
@@ -93,6 +94,13 @@ async def _loop(source: Source, delay: float | None, count: int | None, as_json:
             err.write(f"khmon: {e}\n")
             keeper.gap()
         else:
+            if not source.replay and (frame.stream, frame.epoch, frame.seq) == last:
+                # The daemon has made no snapshot since the last line (it makes one a
+                # second): ask again soon rather than print the same one twice.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), READY_POLL_S)
+                continue
+            last = (frame.stream, frame.epoch, frame.seq)
             rates = keeper.add(Point(frame.stream, frame.epoch, frame.seq, frame.mono_ns,
                                      counters(frame.report), frame.cpu_s, frame.local_s))
             out.write((json_line(frame, rates, source) + "\n") if as_json
@@ -103,6 +111,7 @@ async def _loop(source: Source, delay: float | None, count: int | None, as_json:
                 break
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), max(0.0, wait - (time.monotonic() - started)))
+        started = time.monotonic()
     return code[0]
 
 
