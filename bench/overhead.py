@@ -32,6 +32,9 @@ How to read the output:
                    side received (installs and resolved flushes from the ring buffer, and the
                    slots emptied after detaching), and `lost` (ring buffer full)
   khmon CPU%       CPU time of the khmon process (this one) over the window, of one core
+  irq_work/s       IRQ work interrupts (/proc/interrupts IWI) on khugepaged's CPU when pinned
+                   (else on all): each ring-buffer wakeup of a reader is one, on the CPU
+                   whose program woke it
 A window is flagged (and left out of the medians when clean windows exist) if another
 process had MADV_HUGEPAGE memory (it would share khugepaged's passes) or a knob changed.
 
@@ -96,6 +99,17 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 def full_scans() -> int:
     return int((KHUGEPAGED / "full_scans").read_text())
+
+
+def irq_work(cpu: int | None) -> int:
+    """IRQ work interrupts (/proc/interrupts IWI) on `cpu`, or on all CPUs: a ring-buffer
+    reader's wakeup is one, taken on the CPU of the program that woke it."""
+    for line in Path("/proc/interrupts").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name.strip() == "IWI":
+            counts = [int(x) for x in rest.split() if x.isdigit()]
+            return counts[cpu] if cpu is not None else sum(counts)
+    return 0
 
 
 def stat_fields(pid: int) -> list[str]:
@@ -231,7 +245,7 @@ class Meter:
 
     def __init__(self, ctx: Context, w: Window) -> None:
         self.ctx, self.w = ctx, w
-        self.t0 = self.s0 = self.k0 = 0
+        self.t0 = self.s0 = self.k0 = self.i0 = 0
         self.c0 = 0.0
         self.last_check = 0.0
 
@@ -239,6 +253,7 @@ class Meter:
         self._check("before")
         self.t0, self.s0 = time.monotonic(), full_scans()
         self.k0, self.c0 = cpu_ticks(self.ctx.kh_pid), time.process_time()
+        self.i0 = irq_work(self.w.cpu)
 
     def stop(self) -> None:
         t1, s1 = time.monotonic(), full_scans()
@@ -246,6 +261,7 @@ class Meter:
         self.w.seconds, self.w.scans = t1 - self.t0, s1 - self.s0
         self.w.kh_cpu_s = (k1 - self.k0) / CLK_TCK
         self.w.extra["self_cpu_pct"] = 100 * (c1 - self.c0) / self.w.seconds
+        self.w.extra["irq_work_per_s"] = (irq_work(self.w.cpu) - self.i0) / self.w.seconds
         self._check("after")
 
     def tick(self) -> None:
@@ -640,6 +656,7 @@ def report(windows: list[Window], modes: list[str]) -> None:
                          f"lost {w.extra['lost_per_s']:,.0f}/s cpu {w.extra['self_cpu_pct']:.1f}%")
         if "events_per_s" in w.extra:
             notes.append(f"bpftrace count {w.extra['events_per_s']:,.0f}/s")
+        notes.append(f"irq_work {w.extra.get('irq_work_per_s', 0):,.0f}/s")
         notes += ["FLAGGED: " + f for f in w.flags]
         cpu = "-" if w.cpu is None else str(w.cpu)
         print(f"  {w.round:>5} {w.mode:<10} {cpu:>3} {w.seconds:7.2f} {w.scans:10d} {w.rate:9.1f} "

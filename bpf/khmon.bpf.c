@@ -54,6 +54,7 @@ struct khmon_hdr {
 };
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+BPF_PERCPU_ARRAY(sent, u64, 1);  /* records this CPU gave the ring buffer, for khmon_rb_flags */
 BPF_PERCPU_ARRAY(seen, u64, NR_EVENTS);
 BPF_PERCPU_ARRAY(lost, u64, NR_EVENTS);
 BPF_ARRAY(epoch, u64, 1);  /* advanced by user space; 31 bits are compared */
@@ -176,6 +177,22 @@ static __always_inline void khmon_lost_at(u64 mm, u64 addr)
         lost_at.update(&k, &one);
 }
 
+/* Wakeups of the reader. It drains on a timer, so a record wakes it only every
+ * KHMON_WAKE_EVERY records a CPU has sent, early enough that a burst never waits for the
+ * timer to find the buffer full. The default (adaptive) wakeup fires whenever the reader has
+ * caught up, nearly once a record at khugepaged's pace, and each is an irq_work and a task
+ * wakeup on the traced CPU: khugepaged's. */
+#define KHMON_WAKE_EVERY 64
+static __always_inline u64 khmon_rb_flags(void)
+{
+    u32 zero = 0;
+    u64 *n = sent.lookup(&zero);
+
+    if (!n)
+        return 0;
+    return (++*n & (KHMON_WAKE_EVERY - 1)) ? BPF_RB_NO_WAKEUP : BPF_RB_FORCE_WAKEUP;
+}
+
 /* Report n repeats of the payload installed in slot idx (set * KHMON_WAYS + way) of this
  * CPU's table. */
 static __always_inline void khmon_flush(u32 ev, u32 idx, u64 n)
@@ -188,7 +205,7 @@ static __always_inline void khmon_flush(u32 ev, u32 idx, u64 n)
     f.cpu = bpf_get_smp_processor_id();
     f.flags = DEDUP_FLUSH | idx;
     khmon_add(ev, n, 0);
-    if (events.ringbuf_output(&f, sizeof(f), 0) != 0)
+    if (events.ringbuf_output(&f, sizeof(f), khmon_rb_flags()) != 0)
         khmon_add(ev, n, 1);
 }
 

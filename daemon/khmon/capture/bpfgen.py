@@ -185,7 +185,7 @@ def _emit(lay: EventLayout, uffd: str = "KHMON_UFFD_UNKNOWN", dur: str | None = 
                 f"{ok_value(lay)});"]
     return [*out,
             "    seen.increment(ev);",
-            "    if (events.ringbuf_output(&r, sizeof(r), 0) != 0) {",
+            "    if (events.ringbuf_output(&r, sizeof(r), khmon_rb_flags()) != 0) {",
             "        lost.increment(ev);",
             f"        khmon_lost_at(mm, {_address_expr(lay, 'r.b')});",
             "    }",
@@ -312,7 +312,7 @@ def _dedup_tail(lay: EventLayout, words: list[str], record_ready: bool = False) 
         "        if (got == KHMON_INSTALL)",
         "            r.h.flags = DEDUP_INSTALL | (set * KHMON_WAYS + way);",
         "        khmon_add(ev, 1, 0);",
-        "        if (events.ringbuf_output(&r, sizeof(r), 0) != 0) {",
+        "        if (events.ringbuf_output(&r, sizeof(r), khmon_rb_flags()) != 0) {",
         "            /* Not installed: its repeats would have no record to count against. */",
         "            khmon_add(ev, 1, 1);",
         f"            khmon_lost_at(mm, {_address_expr(lay, 'r.b')});",

@@ -206,7 +206,10 @@ class LiveProbes:
         under any load."""
         self._poll_cap = len(self._pending) + POLL_BATCH
         try:
+            # Woken early only by a burst (khmon_rb_flags): on the timer, what arrived is
+            # taken without a wakeup, which poll alone would leave in the buffer.
             self.bpf.ring_buffer_poll(timeout_ms)
+            self.bpf.ring_buffer_consume()
         finally:
             self._poll_cap = sys.maxsize
         return self._take()
