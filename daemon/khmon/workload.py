@@ -146,9 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     time.sleep(args.hold)
     huge = anon_huge_kb(start, length)
     print(json.dumps({"done": True, "collapsed_pmds": huge * 1024 // PMD_SIZE}), flush=True)
+    # Unmap before closing the userfaultfd: closing it disarms the VMA, and khugepaged would
+    # then be free to try the region as a plain MADV_HUGEPAGE one (an attempt no test expects).
+    m.close()
     if uffd is not None:
         os.close(uffd)
-    del m
     return 0
 
 

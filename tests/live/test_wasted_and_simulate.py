@@ -124,7 +124,11 @@ def test_uffd_waste_stays_exact_when_detail_records_are_lost(live_capture: LiveC
     # Only the attempts of a scan already under way when the probes attached lack the VMA's
     # flags (one PMD's pass at most: 63 attempts over orders 4..9); they are said.
     unknown = report["wasted"]["vma_unknown"]["attempts"]
-    assert uffd["attempts"] + unknown == sum(allocs.values()) > 0, (uffd, unknown, allocs, lost)
+    fn = report["functions"]["collapse_huge_page"]
+    others = [(p["pid"], p["comm"], p["collapse_attempts"]) for p in report["processes"]
+              if p["collapse_attempts"] and p["pid"] != work.procs[0].pid]
+    assert uffd["attempts"] + unknown == sum(allocs.values()) > 0, (
+        uffd["attempts"], unknown, allocs, lost, fn.get("by_uffd"), fn["by_result"], others)
     assert unknown <= 63, unknown
     # the detail was lost, and said so: the PMD records that lost some say how much
     assert lost > 0 and report["lost_events"] >= lost
