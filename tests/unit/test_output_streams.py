@@ -41,12 +41,14 @@ def recording(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize(("text", "shown"), [
     ("khugepaged", "khugepaged"),
+    ("[/]", "[/]"),  # markup is no business of this layer: top draws Text, never markup
     ("café ☕", "café ☕"),  # printable UTF-8 is kept
     ("\x1b[2J", "\\x1b[2J"),  # C0
     ("a\x9bb", "a\\x9bb"),  # C1 (CSI)
     ("\x7f", "\\x7f"),
     ("tab\tnl\n", "tab\\x09nl\\x0a"),
     ("x\u2028y\u200bz", "x\\u2028y\\u200bz"),  # line separator, zero-width space
+    ("\u200e\U0001f600", "\\u200e\U0001f600"),  # a direction mark goes; an emoji stays
     ("back\\slash", "back\\\\slash"),  # unambiguous: a literal "\\x1b" stays apart from ESC
     ("\\x1b", "\\\\x1b"),
     ("bad \ufffd utf-8", "bad \ufffd utf-8"),  # invalid UTF-8, decoded as U+FFFD, stays so

@@ -31,6 +31,7 @@ from textual.screen import ModalScreen, Screen
 from textual.widget import Widget
 from textual.widgets import Input, Static
 
+from ..escape import printable
 from . import panels
 from .rates import Point, RateKeeper, counters, dig
 from .sources import Frame, NotReady, Source, SourceError
@@ -56,7 +57,7 @@ class Panel(Widget):
         try:
             return self._draw(w, h)
         except Exception as e:  # a snapshot shape the panels did not expect: show it, go on
-            return Text(panels.safe(f"N/A (cannot draw: {type(e).__name__}: {e})"), style="red")
+            return Text(printable(f"N/A (cannot draw: {type(e).__name__}: {e})"), style="red")
 
 
 class HelpScreen(ModalScreen[None]):
@@ -225,7 +226,7 @@ class TopApp(App[int]):
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # a source bug must not end the screen: show it, retry
-                self.notice = panels.safe(f"refresh failed: {type(e).__name__}: {e}")
+                self.notice = printable(f"refresh failed: {type(e).__name__}: {e}")
                 self.keeper.gap()
                 self._redraw()
             if self.count is not None and self.frames >= self.count:

@@ -8,7 +8,7 @@ the screen cheap (formatted text, not widgets rebuilt each frame).
 Three rules every function keeps:
 - a value the report lacks shows as N/A; a missing or odd key never raises;
 - text from outside khmon (process names, status names) becomes `Text`, never markup, and
-  passes through safe() first, so `[/]` is drawn as `[/]` and an escape sequence as
+  passes through outputs.escape.printable() first, so `[/]` is drawn as `[/]` and an escape sequence as
   `\\x1b`, not obeyed;
 - output fits the width and height given (long values are cut, rows beyond the height are
   not drawn), so any terminal size, 40x12 included, draws without an error.
@@ -24,6 +24,7 @@ from typing import Any
 from rich.cells import set_cell_size
 from rich.text import Text
 
+from ..escape import printable
 from ..text import GRID_RULER, attempt_legend, grid_cells, grid_head, human_bytes
 from .rates import as_dict, as_list, dig
 from .view import COLUMNS, GRID, PMDS, PROCESSES, ProcRow, View, window
@@ -32,23 +33,6 @@ NA = "N/A"
 TITLE = "bold reverse"
 BARS = "▁▂▃▄▅▆▇█"
 PTE_STYLES = {"#": "green", ".": "bright_black", "?": "yellow"}
-
-
-def safe(text: str) -> str:
-    """`text` with every non-printable character written as `\\xNN` (`\\uNNNN` above
-    U+00FF) and a backslash as `\\\\`: the convention of the kernel's %pE and ps, so a
-    comm holding escape sequences shows what it holds instead of repainting the screen.
-    (The same convention as issue 10's outputs.escape.printable; one of the two goes when
-    both are merged.)"""
-    if text.isprintable() and "\\" not in text:
-        return text
-    out = []
-    for ch in text:
-        n = ord(ch)
-        out.append("\\\\" if ch == "\\" else ch if ch.isprintable()
-                   else f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000
-                   else f"\\U{n:08x}")
-    return "".join(out)
 
 
 def num(v: Any) -> str:
@@ -102,7 +86,7 @@ def _row(out: Text, cols: Sequence[Col], values: Sequence[str], style: str = "",
 
 
 def _title(out: Text, text: str, width: int) -> None:
-    out.append(_cell(safe(text), width, False), style=TITLE)
+    out.append(_cell(printable(text), width, False), style=TITLE)
     out.append("\n")
 
 
@@ -169,16 +153,16 @@ def header(report: dict[str, Any] | None, rates: dict[str, float | None], status
     khmon's collapses against the kernel's pages_collapsed."""
     out = Text()
     line = Text("khmon top  ", style="bold")
-    line.append(safe(status.state), style="bold red" if status.problem else "bold green")
+    line.append(printable(status.state), style="bold red" if status.problem else "bold green")
     if frozen:
         line.append("  FROZEN (z)", style="bold yellow")
     if status.notice and status.notice != status.state:
-        line.append("  " + safe(status.notice), style="red")
-    line.append("  " + safe(status.source))
+        line.append("  " + printable(status.notice), style="red")
+    line.append("  " + printable(status.source))
     r = report or {}
     if report is not None:
-        line.append(f"  kernel {safe(str(dig(r, 'kernel', 'release') or NA))}"
-                    f"  probes {probe_tier(r)}  bitmap {safe(bitmap_source(r))}"
+        line.append(f"  kernel {printable(str(dig(r, 'kernel', 'release') or NA))}"
+                    f"  probes {probe_tier(r)}  bitmap {printable(bitmap_source(r))}"
                     f"  window {rate(dig(r, 'window', 'seconds'))} s")
         pid = dig(r, "filter", "pid")
         if pid:
@@ -280,7 +264,7 @@ def _top_failure(by_status: Any) -> str:
     if not fails:
         return "-"
     name, n = max(fails, key=lambda kv: kv[1])
-    return f"{safe(str(name))} {n:,}"
+    return f"{printable(str(name))} {n:,}"
 
 
 def _kernel_alloc(delta: Any, order: int | None) -> str:
@@ -366,7 +350,7 @@ def waste(report: dict[str, Any], rates: dict[str, float | None], width: int,
     w = report.get("wasted")
     if not isinstance(w, dict) or not w.get("available"):
         why = dig(w, "why") if isinstance(w, dict) else None
-        out.append(_cell(f"not judged: {safe(str(why or NA))}", width, False), style="dim")
+        out.append(_cell(f"not judged: {printable(str(why or NA))}", width, False), style="dim")
         return _finish(out)
     _row(out, WASTE_COLS, [c.head for c in WASTE_COLS], style="bold", width=width)
     by = as_dict(w.get("by_reason"))
@@ -374,7 +358,7 @@ def waste(report: dict[str, Any], rates: dict[str, float | None], width: int,
         secs = dig(c, "seconds")
         b = dig(c, "bytes")
         attempts = dig(c, "attempts")
-        _row(out, WASTE_COLS, [safe(str(name)), rate(rates.get(f"waste/{name}")), num(attempts),
+        _row(out, WASTE_COLS, [printable(str(name)), rate(rates.get(f"waste/{name}")), num(attempts),
                                human_bytes(b) if isinstance(b, int | float) else NA,
                                f"{secs:,.3f}" if isinstance(secs, int | float) else NA],
              style="" if attempts else "bright_black", width=width)
@@ -389,7 +373,7 @@ PROC_COLS = tuple(Col(head, PROC_WIDTHS[key], numeric) for key, head, numeric in
 
 
 def _proc_values(r: ProcRow) -> list[str]:
-    return [str(r.pid) if r.pid else "-", safe(r.comm), rate(r.scans_rate),
+    return [str(r.pid) if r.pid else "-", printable(r.comm), rate(r.scans_rate),
             rate(r.attempts_rate), num(r.scans), num(r.attempts), num(r.collapses),
             num(r.uffd)]
 
@@ -433,10 +417,10 @@ def _pmd_values(p: dict[str, Any]) -> list[str]:
     n = (sum(c for a in attempts if isinstance(c := dig(a, "count"), int))
          if isinstance(attempts, list) else None)
     uffd = p.get("uffd")
-    return [safe(str(p.get("address", NA))), num(p.get("scans")),
-            safe(str(p.get("verdict") or "-")),
+    return [printable(str(p.get("address", NA))), num(p.get("scans")),
+            printable(str(p.get("verdict") or "-")),
             "yes" if uffd is True else "no" if uffd is False else NA, num(p.get("present")),
-            safe(str(p.get("bitmap_source") or "-")), num(n)]
+            printable(str(p.get("bitmap_source") or "-")), num(n)]
 
 
 def pmd_list(pmds: list[dict[str, Any]], proc: ProcRow | None, view: View, width: int,
@@ -497,7 +481,7 @@ def grid(pmd: dict[str, Any] | None, view: View, width: int, height: int) -> Tex
         out.append("\n")
     room = max(0, height - 10)
     for text in legend[:room]:
-        out.append(_cell(safe(text), width, False) + "\n")
+        out.append(_cell(printable(text), width, False) + "\n")
     if len(legend) > room > 0:
         out.append(_cell(f"... {len(legend) - room} more (Enter, or a taller terminal)",
                          width, False), style="dim")
@@ -536,7 +520,7 @@ def help_text() -> Text:
 def footer(level: int, replay: bool, width: int, hint: str = "") -> Text:
     """The keys that do something here, or `hint` (an answer to the last key) instead."""
     if hint:
-        return Text(_cell(safe(hint), width, False), style="bold yellow reverse")
+        return Text(_cell(printable(hint), width, False), style="bold yellow reverse")
     keys = ["q quit", "h help", "<> sort", "I invert", "p pid", "/ comm", "z freeze",
             "d delay", "Enter into" if level < GRID else "", "Esc out" if level else ""]
     if replay:
