@@ -13,7 +13,7 @@ import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .capture import ptwalk
+from .capture import plan, ptwalk
 from .capture.bpfgen import ProbeConfig
 from .capture.live import owner_offsets
 from .errors import KhmonError
@@ -22,14 +22,14 @@ from .kernel.btf import Btf
 from .kernel.privilege import capture_refusal
 from .kernel.sysfs import THP, read_settings, selected
 from .kernel.tracefs import khugepaged_events, read_format, tracefs_root
+from .stream.events import SCAN
 
-# Per-PMD entry points across kernels: collapse_single_pmd (7.2), hpage_collapse_scan_pmd
-# (6.1-6.18), collapse_scan_pmd (the mTHP series renamed it; inlined on 7.2).
-PMD_FUNCS = ("collapse_single_pmd", "hpage_collapse_scan_pmd", "collapse_scan_pmd",
-             "collapse_huge_page")
+# The per-PMD entry points the capture may probe (whichever this kernel has), then
+# collapse_huge_page.
+PMD_FUNCS = (*plan.PMD_ENTRY_FUNCS, plan.COLLAPSE_FUNC)
 DATA_SYMBOLS = ("page_offset_base", "khugepaged_scan")
 # Events the mTHP collapse series added; their absence is information, not failure.
-NEWER_EVENTS = ("mm_khugepaged_scan",)
+NEWER_EVENTS = (SCAN,)
 
 
 @dataclass(frozen=True)

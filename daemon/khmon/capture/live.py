@@ -28,7 +28,7 @@ from ..kernel.privilege import require_capture
 from ..kernel.sysfs import read_counters, read_settings
 from ..kernel.tracefs import read_formats
 from ..stream.decode import Batch, Decoder, comm
-from ..stream.events import SCAN_PMD
+from ..stream.events import COLLAPSE, SCAN_PMD
 from ..stream.layout import EventLayout, build_layouts, header_events, is_page_pointer
 from ..stream.parts import END, PAGES, RECORDS, STATS, Part
 from . import plan, ptwalk
@@ -58,7 +58,7 @@ def kernel_layouts(btf: Btf, ptwalk_bitmaps: bool = True) -> list[EventLayout]:
     layouts = build_layouts(read_formats(),
                             lambda name: btf.func_params(f"__bpf_trace_{name}"))
     status = next((lay.fmt.symbols.get("status", {}) for lay in layouts
-                   if lay.name == "mm_collapse_huge_page"), {})
+                   if lay.name == COLLAPSE), {})
     # One pass over /proc/kallsyms (tens of thousands of lines) for functions and data.
     syms = kallsyms.addresses((*plan.PMD_ENTRY_FUNCS, plan.COLLAPSE_FUNC, *ptwalk.SYMBOLS))
     walk = ptwalk.plan(btf, syms) if ptwalk_bitmaps else None

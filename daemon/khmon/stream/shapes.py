@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..geometry import BITMAP_BYTES
+from .events import FN_COLLAPSE, FN_PMD_SCAN, ISOLATE, SCAN_PMD
 from .layout import EventLayout, layouts_from_header
 
 
@@ -155,15 +156,14 @@ PAGES = {"mm": int, "address": int, "pid": int, "ref": int, "present": BITMAP, "
 
 # Fields the correlator (model/correlate.py) reads from records of these events by name,
 # and those it reads from the per-PMD exit when the PTE walk ran ("walk").
-MODEL_FIELDS = {"fn_pmd_scan": ("mm", "address", "vm_flags", "result"),
-                "fn_collapse": ("mm", "address", "duration_ns", "result"),
-                "mm_collapse_huge_page_isolate": ("status",)}
+MODEL_FIELDS = {FN_PMD_SCAN: ("mm", "address", "vm_flags", "result"),
+                FN_COLLAPSE: ("mm", "address", "duration_ns", "result"),
+                ISOLATE: ("status",)}
 # Fields it reads where the event has them (the mTHP series' order and bitmap; the VMA flags
 # of the per-PMD call an attempt ran in): they must then be what khmon records.
-OPTIONAL_FIELDS = {"fn_collapse": ("order", "present", "vm_flags", "in_pmd_scan")}
+OPTIONAL_FIELDS = {FN_COLLAPSE: ("order", "present", "vm_flags", "in_pmd_scan")}
 WALK_FIELDS = ("present", "none_ptes", "swap_ptes", "zero_ptes", "zero_known")
 BITMAP_FIELDS = ("present",)  # a byte array of BITMAP_BYTES wherever it is
-SCAN_PMD = "mm_khugepaged_scan_pmd"
 # Settings that settings_from_sysfs() reads as numbers, and the mTHP size keys it parses.
 NUMERIC_SETTINGS = ("khugepaged/max_ptes_none", "khugepaged/max_ptes_swap",
                     "khugepaged/max_ptes_shared")
@@ -188,7 +188,7 @@ def _check_layout(lay: EventLayout, header: dict) -> None:
     fields = {f.name: f for f in lay.fields}
     needed = list(MODEL_FIELDS.get(lay.name, ()))
     needed += [n for n in OPTIONAL_FIELDS.get(lay.name, ()) if n in fields]
-    needed += WALK_FIELDS if lay.name == "fn_pmd_scan" and "walk" in fields else ()
+    needed += WALK_FIELDS if lay.name == FN_PMD_SCAN and "walk" in fields else ()
     ref = header.get("pagemap_ref")
     needed += ("mm", "status", ref) if lay.name == SCAN_PMD and ref else ()
     for name in needed:
