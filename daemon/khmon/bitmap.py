@@ -10,7 +10,7 @@ memory order, and reads them back the same way. Nothing else converts bitmaps.
 
 from __future__ import annotations
 
-from ..geometry import BITMAP_BYTES, PTES
+from .geometry import BITMAP_BYTES, PTES
 
 ALL = (1 << PTES) - 1
 

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 
 import pytest
 
+from khmon.bitmap import to_bytes, to_hex
 from khmon.kernel import sysfs
 from khmon.kernel.pagemap import PfnIndex, read_pmd
 from khmon.workload import pattern_bits
@@ -29,7 +30,6 @@ from khmon.workload import pattern_bits
 pytestmark = pytest.mark.live
 PAGE = 4096
 PMD = 2 << 20
-ZEROS = b"\x00" * 64
 
 
 def expected_bitmap(bits: list[bool]) -> bytes:
@@ -99,11 +99,11 @@ def test_workload_patterns(pattern: str, seed: int) -> None:
         got = [read_pmd(pid, a) for a in pmds]  # all four first: khugepaged may be near
         for p, pages in enumerate(got):
             assert pages is not None, f"PMD {p} at {pmds[p]:#x} not readable"
-            if pattern != "full" and pages.present == b"\xff" * 64:
+            if pattern != "full" and to_bytes(pages.present) == b"\xff" * 64:
                 pytest.fail(f"PMD {p} at {pmds[p]:#x} reads fully present: khugepaged collapsed it "
                             "before it was read, so the pattern cannot be checked")
-            assert pages.present == want, f"PMD {p}: {pages.present_hex()} != {want.hex()}"
-            assert (pages.swap, pages.zero) == (ZEROS, ZEROS)
+            assert to_bytes(pages.present) == want, f"PMD {p}: {to_hex(pages.present)} != {want.hex()}"
+            assert (pages.swap, pages.zero) == (0, 0)
             assert (pages.none, pages.shared) == (512 - sum(bits), 0)
 
         index = PfnIndex()
@@ -128,8 +128,8 @@ def test_zero_page() -> None:
         pages = read_pmd(os.getpid(), addr)
         assert pages is not None
         # Per byte: written bits 0, 2, 4, 6 and zero-page bits 1, 5.
-        assert pages.present == b"\x77" * 64, pages.present_hex()
-        assert pages.zero == b"\x22" * 64, pages.zero.hex()
+        assert to_bytes(pages.present) == b"\x77" * 64, to_hex(pages.present)
+        assert to_bytes(pages.zero) == b"\x22" * 64, to_hex(pages.zero)
         assert (pages.none, pages.shared, pages.n_zero) == (128, 0, 128)
 
 
@@ -151,5 +151,5 @@ def test_shared_after_fork() -> None:
             os.close(r)
             os.close(w)
         assert pages is not None
-        assert pages.present == b"\xff\xff" + b"\x00" * 62
+        assert to_bytes(pages.present) == b"\xff\xff" + b"\x00" * 62
         assert (pages.shared, pages.none, pages.n_zero) == (16, 496, 0)

@@ -20,6 +20,7 @@ from dataclasses import replace
 
 import pytest
 
+from khmon import bitmap
 from khmon.capture.bpfgen import ProbeConfig
 from khmon.capture.live import LiveCapture
 from khmon.kernel import sysfs
@@ -27,7 +28,6 @@ from khmon.model import infer
 from khmon.model import khugepaged as simulate
 from khmon.outputs import whatif
 from khmon.pipeline import capture
-from khmon.stream import bitmap
 from khmon.workload import PMD_SIZE, Workloads
 from tests.support.thp import mthp_knobs as _mthp_knobs
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from khmon.stream import bitmap
+from khmon import bitmap
 
 
 def test_hex_is_the_bytes_in_memory_order() -> None:

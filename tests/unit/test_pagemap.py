@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from khmon.bitmap import to_bytes, to_hex
 from khmon.capture.pagemap_sampler import PagemapSampler
 from khmon.errors import KhmonError
 from khmon.kernel import pagemap
@@ -73,11 +74,11 @@ def test_full(tmp_path: Path) -> None:
     root = make_proc(tmp_path, {pte(i): anon(0x10000 + i) for i in range(512)})
     got = read_pmd(PID, BASE, root)
     assert got is not None
-    assert got.present == b"\xff" * 64
-    assert got.swap == b"\x00" * 64
-    assert got.zero == b"\x00" * 64
+    assert to_bytes(got.present) == b"\xff" * 64
+    assert to_bytes(got.swap) == b"\x00" * 64
+    assert to_bytes(got.zero) == b"\x00" * 64
     assert (got.none, got.shared, got.n_present, got.n_swap, got.n_zero) == (0, 0, 512, 0, 0)
-    assert got.present_hex() == "ff" * 64
+    assert to_hex(got.present) == "ff" * 64
 
 
 def test_every_fourth_empty(tmp_path: Path) -> None:
@@ -85,16 +86,16 @@ def test_every_fourth_empty(tmp_path: Path) -> None:
     root = make_proc(tmp_path, {pte(i): anon(0x10000 + i) for i in range(512) if i % 4 != 3})
     got = read_pmd(PID, BASE, root)
     assert got is not None
-    assert got.present == b"\x77" * 64
+    assert to_bytes(got.present) == b"\x77" * 64
     assert got.none == 128
-    assert got.present_hex() == "77" * 64
+    assert to_hex(got.present) == "77" * 64
 
 
 def test_first_half(tmp_path: Path) -> None:
     root = make_proc(tmp_path, {pte(i): anon(0x10000 + i) for i in range(256)})
     got = read_pmd(PID, BASE, root)
     assert got is not None
-    assert got.present == b"\xff" * 32 + b"\x00" * 32
+    assert to_bytes(got.present) == b"\xff" * 32 + b"\x00" * 32
     assert got.none == 256
 
 
@@ -102,13 +103,13 @@ def test_one_page_in_the_second_pmd(tmp_path: Path) -> None:
     root = make_proc(tmp_path, {pte(0, pmd=1): anon(0x12345)})
     got = read_pmd(PID, BASE + PMD, root)
     assert got is not None
-    assert got.present == b"\x01" + b"\x00" * 63
-    assert got.present_hex() == "01" + "00" * 63
+    assert to_bytes(got.present) == b"\x01" + b"\x00" * 63
+    assert to_hex(got.present) == "01" + "00" * 63
     assert got.none == 511
     # The neighbouring PMD is mapped but empty: a result, not None.
     empty = read_pmd(PID, BASE, root)
     assert empty is not None
-    assert empty.present == b"\x00" * 64 and empty.none == 512
+    assert to_bytes(empty.present) == b"\x00" * 64 and empty.none == 512
 
 
 def test_swapped_entries(tmp_path: Path) -> None:
@@ -118,8 +119,8 @@ def test_swapped_entries(tmp_path: Path) -> None:
     root = make_proc(tmp_path, entries)
     got = read_pmd(PID, BASE, root)
     assert got is not None
-    assert got.present == b"\x0f" + b"\x00" * 63
-    assert got.swap == b"\x00\x03" + b"\x00" * 61 + b"\x80"
+    assert to_bytes(got.present) == b"\x0f" + b"\x00" * 63
+    assert to_bytes(got.swap) == b"\x00\x03" + b"\x00" * 61 + b"\x80"
     assert (got.none, got.n_swap, got.shared) == (505, 3, 0)
 
 
@@ -131,8 +132,8 @@ def test_zero_page_is_present_and_marked(tmp_path: Path) -> None:
     root = make_proc(tmp_path, entries, kpf={ZERO_PFN: KPF_ZERO, 0x10000: KPF_ANON})
     got = read_pmd(PID, BASE, root)
     assert got is not None
-    assert got.present == b"\x7f\x02" + b"\x00" * 62
-    assert got.zero == b"\x20\x02" + b"\x00" * 62
+    assert to_bytes(got.present) == b"\x7f\x02" + b"\x00" * 62
+    assert to_bytes(got.zero) == b"\x20\x02" + b"\x00" * 62
     assert (got.n_zero, got.shared, got.none) == (2, 0, 504)
 
 
@@ -147,8 +148,8 @@ def test_shared_entry(tmp_path: Path) -> None:
     # PTE 100 is byte 12 bit 4; PTE 200 is byte 25 bit 0.
     want = bytearray(64)
     want[0], want[12], want[25] = 0xFF, 0x10, 0x01
-    assert got.present == bytes(want)
-    assert got.zero == b"\x00" * 64
+    assert to_bytes(got.present) == bytes(want)
+    assert to_bytes(got.zero) == b"\x00" * 64
     assert (got.shared, got.none) == (2, 502)
 
 

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from .. import bitmap
 from ..errors import KhmonError
 from ..kernel.pagemap import PROC, PfnIndex, read_pmd
 
@@ -97,8 +98,8 @@ class PagemapSampler:
             if pages is None:
                 break
             return {"mm": mm, "pid": pid, "ref": ref, "pfn": pfn, "address": addr,
-                    "present": pages.present.hex(), "swap": pages.swap.hex(),
-                    "zero": pages.zero.hex(), "none": pages.none, "shared": pages.shared}
+                    "present": bitmap.to_hex(pages.present), "swap": bitmap.to_hex(pages.swap),
+                    "zero": bitmap.to_hex(pages.zero), "none": pages.none, "shared": pages.shared}
         self.unresolved += 1
         return None
 

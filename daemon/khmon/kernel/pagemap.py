@@ -32,8 +32,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import bitmap
 from ..errors import KhmonError
-from ..geometry import BITMAP_BYTES, PAGE, PMD_MASK, PMD_SIZE, PTES
+from ..geometry import PAGE, PMD_MASK, PMD_SIZE, PTES
 
 ENTRY = 8  # bytes per pagemap / kpageflags entry
 
@@ -89,27 +90,23 @@ class PmdPages:
     exclusive, yet it is not a shared folio in khugepaged's max_ptes_shared sense).
     """
 
-    present: bytes  # pte_present PTEs, zero-page ones included
-    swap: bytes  # non-present, non-none PTEs (swap, migration, markers)
-    zero: bytes  # present PTEs mapping the shared zero page
+    present: int  # pte_present PTEs, zero-page ones included (khmon.bitmap's ints)
+    swap: int  # non-present, non-none PTEs (swap, migration, markers)
+    zero: int  # present PTEs mapping the shared zero page
     none: int  # PTEs neither present nor swapped
     shared: int  # present, not zero page, not mapped exclusively (pagemap bit 56 clear)
 
     @property
     def n_present(self) -> int:
-        return int.from_bytes(self.present, "little").bit_count()
+        return bitmap.count(self.present)
 
     @property
     def n_swap(self) -> int:
-        return int.from_bytes(self.swap, "little").bit_count()
+        return bitmap.count(self.swap)
 
     @property
     def n_zero(self) -> int:
-        return int.from_bytes(self.zero, "little").bit_count()
-
-    def present_hex(self) -> str:
-        """The present bitmap as 128 hex digits, byte 0 (PTEs 0-7) first, as khmon prints it."""
-        return self.present.hex()
+        return bitmap.count(self.zero)
 
 
 def _gone(path: Path, e: OSError) -> None:
@@ -253,14 +250,10 @@ def read_pmd(pid: int, pmd_addr: int, root: Path = PROC) -> PmdPages | None:
     for i, pfn in maybe_zero.items():
         if pfn in zero_pfns:
             zero |= 1 << i
-    n_present = present.bit_count()
-    return PmdPages(
-        present=present.to_bytes(BITMAP_BYTES, "little"),
-        swap=swap.to_bytes(BITMAP_BYTES, "little"),
-        zero=zero.to_bytes(BITMAP_BYTES, "little"),
-        none=PTES - n_present - swap.bit_count(),
-        shared=n_present - exclusive.bit_count() - zero.bit_count(),
-    )
+    n_present = bitmap.count(present)
+    return PmdPages(present=present, swap=swap, zero=zero,
+                    none=PTES - n_present - bitmap.count(swap),
+                    shared=n_present - bitmap.count(exclusive) - bitmap.count(zero))
 
 
 class _Runs:

@@ -36,8 +36,8 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
+from .. import bitmap
 from ..geometry import PAGE_SHIFT, PMD_MASK, PMD_ORDER
-from ..stream import bitmap
 from ..stream.decode import Batch
 from ..stream.events import FN_COLLAPSE, FN_PMD_SCAN, ISOLATE, SCAN_PMD, SWAPIN
 from ..stream.layout import EventLayout

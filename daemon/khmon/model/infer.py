@@ -31,8 +31,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from ..bitmap import span
 from ..geometry import PMD_ORDER
-from ..stream.bitmap import span
 from .khugepaged import Settings, collapse_max_ptes_none, v19_walk
 
 # (offset, order, result, swapped_in) of one collapse_huge_page call, in call order

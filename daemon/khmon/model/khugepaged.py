@@ -57,9 +57,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ..bitmap import weight
 from ..geometry import PAGE, PMD_ORDER, PTES
 from ..kernel.sysfs import selected
-from ..stream.bitmap import weight
 
 # Lowest mTHP order: anon folios of order 0 and 1 are not THPs (THP_ORDERS_ALL_ANON).
 KHUGEPAGED_MIN_MTHP_ORDER = 2

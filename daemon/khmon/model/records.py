@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..stream import bitmap
+from .. import bitmap
 from .infer import Step
 
 # Bitmap sources, best first: a better one is never replaced by a worse one.

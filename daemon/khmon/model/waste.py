@@ -44,8 +44,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from .. import bitmap
 from ..geometry import PAGE
-from ..stream import bitmap
 from ..stream.events import SUCCEEDED
 from .records import Cost, OpenPass, PmdRecord, ProcessRecord
 

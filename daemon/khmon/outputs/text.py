@@ -6,7 +6,7 @@ from __future__ import annotations
 import string
 from typing import Any
 
-from ..stream import bitmap
+from .. import bitmap
 from .escape import printable
 
 

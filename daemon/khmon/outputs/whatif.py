@@ -12,10 +12,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .. import bitmap
+from ..bitmap import weight
 from ..geometry import PAGE
 from ..model.khugepaged import Attempt, Outcome, Settings, simulate
-from ..stream import bitmap
-from ..stream.bitmap import weight
 
 
 def replay(pmds: Iterable[Mapping[str, Any]], algo: str,
