@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from khmon.bitmap import to_bytes, to_hex
-from khmon.capture.pagemap_sampler import PagemapSampler
+from khmon.capture.pagemap_sampler import PagemapSampler, PagemapWorker
 from khmon.errors import KhmonError
 from khmon.kernel import pagemap
 from khmon.kernel.pagemap import PfnIndex, read_pmd
@@ -315,3 +317,76 @@ def test_sampler_with_a_pfn_field(tmp_path: Path) -> None:
     assert got is not None and got["address"] == BASE
     assert got["present"] == "ff" * 32 + "00" * 32
 
+
+
+def test_index_is_bounded_and_forgets_exited_processes(tmp_path: Path) -> None:
+    """Least recently used indexes go beyond max_processes or max_runs, counted; an exited
+    process's index goes uncounted; a dropped index is rebuilt on the next scan."""
+    pids = (PID, PID + 1, PID + 2)
+    root = tmp_path / "proc"
+    for i, pid in enumerate(pids):
+        make_proc(tmp_path, {pte(j): anon(0x1000 * (i + 1) + 2 * j) for j in range(3)}, pid=pid)
+    idx = PfnIndex(root, max_processes=2)
+    assert idx.pmd_of(PID, 0x1000) == BASE and idx.pmd_of(PID + 1, 0x2000) == BASE
+    assert idx.pmd_of(PID, 0x1002) == BASE  # PID is now the most recently used
+    assert idx.pmd_of(PID + 2, 0x3000) == BASE
+    assert (len(idx), idx.runs, idx.evicted) == (2, 6, 1)  # PID + 1 went: 3 runs each
+    idx.forget(PID)
+    assert (len(idx), idx.runs, idx.evicted) == (1, 3, 1)
+    assert idx.pmd_of(PID + 1, 0x2000) == BASE  # rebuilt
+    small = PfnIndex(root, max_runs=4)
+    for pid, pfn in zip(pids, (0x1000, 0x2000, 0x3000), strict=True):
+        assert small.pmd_of(pid, pfn) == BASE
+    assert (len(small), small.runs, small.evicted) == (1, 3, 2)  # one process's 3 runs fit
+    tiny = PfnIndex(root, max_runs=1)  # never the index just built: it is still used
+    assert tiny.pmd_of(PID, 0x1000) == BASE and len(tiny) == 1
+
+
+class BlockingSampler(PagemapSampler):
+    """Reads wait for `go`, and say on which thread they ran."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__("pfn", "pfn", None, root)
+        self.go = threading.Event()
+        self.threads: set[str] = set()
+
+    def read(self, mm: int, pid: int, ref: int) -> dict | None:
+        self.threads.add(threading.current_thread().name)
+        assert self.go.wait(10)
+        return super().read(mm, pid, ref)
+
+
+def test_pagemap_worker_reads_off_the_callers_thread_with_a_bounded_queue(tmp_path: Path) -> None:
+    root = make_proc(tmp_path, {pte(i, p): anon(0x10000 + 512 * p + i)
+                                for p in range(4) for i in range(512)})
+    sampler = BlockingSampler(root)
+    worker = PagemapWorker(sampler, queue_size=2)
+    worker.request(0xAA, PID, 0x10000, 1, "a")  # taken by the worker, which then waits
+    deadline = time.monotonic() + 10
+    while not sampler.threads and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for p in range(1, 4):  # two fit the queue, the third is refused and counted
+        worker.request(0xAA, PID, 0x10000 + 512 * p, 2, "a")
+    assert worker.dropped == 1 and list(worker.results()) == []
+    sampler.go.set()
+    worker.finish()
+    got = list(worker.results())
+    assert sorted(r["address"] for r in got) == [BASE, BASE + PMD, BASE + 2 * PMD]
+    assert sampler.threads == {"khmon-pagemap"} != {threading.current_thread().name}
+    assert got[0]["comm"] == "a" and got[0]["present"] == "ff" * 64
+
+
+def test_pagemap_worker_forgets_exited_processes(tmp_path: Path) -> None:
+    root = make_proc(tmp_path, {pte(i): anon(0x10000 + i) for i in range(512)})
+    worker = PagemapWorker(PagemapSampler("pfn", "pfn", None, root))
+    worker.request(0xAA, PID, 0x10000, 1, "a")
+    worker.finish()
+    assert len(worker.sampler.index) == 1
+    worker.forget([PID])  # no thread runs: at once
+    assert len(worker.sampler.index) == 0
+    worker.request(0xAA, PID, 0x10001, 1, "a")
+    worker.forget([PID])  # the thread runs: before its next read
+    worker.request(0xAA, PID, 0x10002, 1, "a")
+    worker.finish()
+    assert len(list(worker.results())) == 3 and len(worker.sampler.index) == 1
+    assert not worker._exited

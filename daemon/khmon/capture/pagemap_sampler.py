@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -110,14 +111,17 @@ class PagemapWorker:
 
     QUEUE = 4096
 
-    def __init__(self, sampler: PagemapSampler) -> None:
+    def __init__(self, sampler: PagemapSampler, queue_size: int = QUEUE) -> None:
         self.sampler = sampler
-        self._requests: queue.Queue[tuple[int, int, int, int, str] | None] = queue.Queue(self.QUEUE)
+        self._requests: queue.Queue[tuple[int, int, int, int, str] | None] = queue.Queue(queue_size)
         self._results: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
         self.dropped = 0  # requests the full queue refused
         self.failures = 0  # reads that failed (permission denied ...); the first one says why
         self.error: str | None = None
         self._thread: threading.Thread | None = None
+        # Processes that exited, for the worker to drop from the sampler's index (the index
+        # is the worker's alone while it runs; deque appends and pops are thread-safe).
+        self._exited: deque[int] = deque(maxlen=self.QUEUE)
 
     def request(self, mm: int, pid: int, ref: int, ts: int, comm: str) -> None:
         if not self.sampler.wanted(mm, pid, ref):
@@ -130,8 +134,20 @@ class PagemapWorker:
         except queue.Full:
             self.dropped += 1
 
+    def forget(self, pids: Iterable[int]) -> None:
+        """These processes exited: their PFN indexes go (on the worker's thread when it
+        runs, before its next read)."""
+        self._exited.extend(pids)
+        if self._thread is None:
+            self._forget_exited()
+
+    def _forget_exited(self) -> None:
+        while self._exited:
+            self.sampler.index.forget(self._exited.popleft())
+
     def _run(self) -> None:
         while (req := self._requests.get()) is not None:
+            self._forget_exited()
             mm, pid, ref, ts, comm = req
             try:
                 got = self.sampler.read(mm, pid, ref)

@@ -28,6 +28,7 @@ import struct
 import time
 from array import array
 from bisect import bisect_right
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,6 +272,9 @@ class _Runs:
         self.pages = sum(lens)
         self.built = built
 
+    def __len__(self) -> int:
+        return len(self.pfns)
+
     def addr_of(self, pfn: int) -> int | None:
         i = bisect_right(self.pfns, pfn) - 1
         if i < 0 or pfn >= self.pfns[i] + self.lens[i]:
@@ -287,15 +291,27 @@ class PfnIndex:
     kernel's walk. A hit is re-checked against the live pagemap entry (the page may have
     been freed and reused elsewhere); a miss rebuilds that process's index, at most once
     per `min_rebuild` seconds, since its memory keeps changing.
+
+    The indexes live as long as a daemon, so they are bounded: exited processes are
+    forgotten (forget()), and beyond `max_processes` indexes or `max_runs` runs in all (24
+    bytes each) the least recently used are dropped, counted in `evicted`. A dropped index
+    is only a cache miss: it is rebuilt when its process is scanned again.
     """
 
+    MAX_PROCESSES = 256
+    MAX_RUNS = 1 << 21  # 48 MiB of runs
+
     def __init__(self, root: Path = PROC, *, chunk: int = 1 << 20, min_rebuild: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 max_processes: int = MAX_PROCESSES, max_runs: int = MAX_RUNS) -> None:
         self.root = root
         self.chunk = max(ENTRY, chunk - chunk % ENTRY)
         self.min_rebuild = min_rebuild
         self.clock = clock
-        self._runs: dict[int, _Runs] = {}
+        self.max_processes, self.max_runs = max_processes, max_runs
+        self._runs: OrderedDict[int, _Runs] = OrderedDict()  # least recently used first
+        self.runs = 0  # runs held, over every process
+        self.evicted = 0  # indexes dropped to stay within the bounds
 
     def pmd_of(self, pid: int, pfn: int) -> int | None:
         """The 2 MiB-aligned address of the PMD mapping `pfn` in `pid`, or None.
@@ -307,6 +323,7 @@ class PfnIndex:
             return None
         runs = self._runs.get(pid)
         if runs is not None:
+            self._runs.move_to_end(pid)
             addr = runs.addr_of(pfn)
             if addr is not None and self._maps(pid, addr, pfn):
                 return addr & PMD_MASK
@@ -321,15 +338,27 @@ class PfnIndex:
         """Rebuild `pid`'s index now; returns the number of present pages indexed, or None
         (and forgets the process) when it is gone."""
         runs = self._build(pid)
+        self.forget(pid)
         if runs is None:
-            self.forget(pid)
             return None
         self._runs[pid] = runs
+        self.runs += len(runs)
+        # Never the index just built: one process larger than max_runs is still indexed.
+        while len(self._runs) > 1 and (len(self._runs) > self.max_processes
+                                       or self.runs > self.max_runs):
+            _, old = self._runs.popitem(last=False)
+            self.runs -= len(old)
+            self.evicted += 1
         return runs.pages
 
     def forget(self, pid: int) -> None:
         """Drop a process's index (it exited)."""
-        self._runs.pop(pid, None)
+        old = self._runs.pop(pid, None)
+        if old is not None:
+            self.runs -= len(old)
+
+    def __len__(self) -> int:
+        return len(self._runs)
 
     def _maps(self, pid: int, addr: int, pfn: int) -> bool:
         """Does `addr` still map `pfn`?"""

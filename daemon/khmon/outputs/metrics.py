@@ -261,6 +261,9 @@ class SnapshotCollector(Collector):
             yield _counter("pagemap_unresolved", "Scanned pages the pagemap source could not "
                            "place in a PMD of their process (it no longer maps them).",
                            pagemap.get("unresolved", 0))
+            yield _counter("pagemap_index_evictions", "Processes' PFN indexes the pagemap "
+                           "source dropped to stay within its bounds (rebuilt when the "
+                           "process is scanned again).", pagemap.get("index_evicted", 0))
         yield _counter("exact_map_full", "Exact-count updates the kernel map refused because "
                        "it was full.", r.get("exact_map_full", 0))
         yield _counter("process_label_overflow", "Distinct comms counted under "

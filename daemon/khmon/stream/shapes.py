@@ -149,7 +149,8 @@ STATS = {"mono_ns": int, "wall?": str, "counters?": COUNTS,
                     "exact?": MapOf(ListOf(Row((int, int, int, int, int, int)))),
                     "hist?": MapOf(ListOf(Row((int, int, int, int)))), "exact_full?": int},
          "settings?": MapOf(str), "exited?": ListOf(int), "lost_pmds?": ListOf(Row((int, int, int))),
-         "pagemap?": {"dropped?": int, "failures?": int, "unresolved?": int, "error?": Opt(str)}}
+         "pagemap?": {"dropped?": int, "failures?": int, "unresolved?": int, "error?": Opt(str),
+                      "index_evicted?": int}}
 BITMAP = Hex(2 * BITMAP_BYTES)
 PAGES = {"mm": int, "address": int, "pid": int, "ref": int, "present": BITMAP, "zero": BITMAP,
          "swap": BITMAP, "none": int, "shared": int, "comm?": str, "ts?": int, "pfn?": int}
