@@ -20,11 +20,12 @@ from . import __version__
 from .capture.bpfgen import ProbeConfig
 from .capture.stop import StopFlag
 from .capture.target import Target
-from .daemon import DEFAULT_SOCKET
+from .daemon import DEFAULT_SOCKET, MAX_PMDS, MAX_PMDS_HELP
 from .daemon import command as daemon_command
 from .entry import EXIT_INTERRUPTED
 from .errors import EXIT_BAD_INPUT, EXIT_FAIL, KhmonError
 from .kernel.privilege import require_capture
+from .model.correlate import DEFAULT_PMD_CAP
 from .model.model import Model
 from .outputs.streams import OUTPUT_ERRNOS, out, out_json, say, stdout_failed
 from .outputs.text import render_report, render_simulation
@@ -58,6 +59,8 @@ RingOpt = Annotated[int, typer.Option("--ringbuf-pages", min=1, max=RINGBUF_MAX_
                                       help="Ring buffer size in pages (a power of two, at most "
                                       "524288: 2 GiB, the largest power of two a BPF map's "
                                       "u32 size holds).")]
+MaxPmdsOpt = Annotated[int, typer.Option("--max-pmds", min=MAX_PMDS[0], max=MAX_PMDS[1],
+                                         help=MAX_PMDS_HELP)]
 # At least one set of 4 ways (bpf/khmon.bpf.c); at most 16 MiB of slots per CPU and event.
 DedupOpt = Annotated[int, typer.Option("--dedup-slots", min=4, max=1 << 20,
                                        help="Dedup slots per CPU for each scan event (a power "
@@ -97,7 +100,8 @@ def _config(pid: int, ringbuf_pages: int, dedup_slots: int) -> ProbeConfig:
 
 
 def _capture(cfg: ProbeConfig, duration: float | None, out: Path | None,
-             should_stop: Callable[[], bool], progress: bool) -> tuple[Model, list[str]]:
+             should_stop: Callable[[], bool], progress: bool,
+             max_pmds: int = DEFAULT_PMD_CAP) -> tuple[Model, list[str]]:
     """A live capture (khmon.pipeline: capture, decode and model on a worker thread) with a
     progress line on stderr every 5 s. A -p PID that is not a running process is warned
     about before the compile, and (in the warnings, which the commands list at the end)
@@ -110,7 +114,7 @@ def _capture(cfg: ProbeConfig, duration: float | None, out: Path | None,
     if early:
         say(f"khmon: warning: {early}")
 
-    run = LivePipeline(LiveCapture(cfg), duration, out)
+    run = LivePipeline(LiveCapture(cfg), duration, out, pmd_cap=max_pmds)
     attached = sum(v is None for v in run.header["attached"].values())
     say(f"khmon: attached to {attached} tracepoints" + (f", recording to {out}" if out else ""))
     last = [time.monotonic()]
@@ -183,6 +187,7 @@ def record(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing recording file "
                                         "(a new file: a report reading the old one keeps it).")]
     = False,
+    max_pmds: MaxPmdsOpt = DEFAULT_PMD_CAP,
     ebpf: EbpfOpt = False,
 ) -> None:
     """Record khugepaged events to a file for `khmon report FILE`.
@@ -197,7 +202,8 @@ def record(
             return
         require_capture()  # first: without privileges, a path check would mislead
         check_output(output, force)  # before the compile, which takes seconds
-        model, warnings = _capture(cfg, duration, output, StopFlag(), progress=not quiet)
+        model, warnings = _capture(cfg, duration, output, StopFlag(), progress=not quiet,
+                                   max_pmds=max_pmds)
         r = model.report(warnings)
         for w in warnings:
             say(f"khmon: warning: {w}")
@@ -222,6 +228,7 @@ def report(
     grid: Annotated[int, typer.Option("--grid", min=0, help=(
         "Draw this many PMDs (most collapse attempts first) as 8x64 grids of their PTEs, "
         "attempted ranges marked."))] = 0,
+    max_pmds: MaxPmdsOpt = DEFAULT_PMD_CAP,
     ebpf: EbpfOpt = False,
     from_daemon: Annotated[bool, typer.Option("--daemon", help="Ask the running `khmon daemon` "
                                               "for its report so far (its socket API).")] = False,
@@ -246,14 +253,15 @@ def report(
                              EXIT_BAD_INPUT)
         if recording is not None:
             reader = Reader(recording)
-            model = replay(reader)
+            model = replay(reader, pmd_cap=max_pmds)
             warnings = reader.warnings
         else:
             cfg = _config(pid, ringbuf_pages, dedup_slots)
             if ebpf:
                 out(_generated_c(cfg))
                 return
-            model, warnings = _capture(cfg, duration, None, StopFlag(), progress=False)
+            model, warnings = _capture(cfg, duration, None, StopFlag(), progress=False,
+                                       max_pmds=max_pmds)
         for w in warnings:
             say(f"khmon: warning: {w}")
         _emit(model.report(warnings), as_json, grid)
@@ -293,6 +301,7 @@ def simulate(
     max_ptes_swap: Annotated[int | None, typer.Option("--max-ptes-swap", min=0, max=512)] = None,
     max_ptes_shared: Annotated[int | None, typer.Option("--max-ptes-shared", min=0,
                                                         max=512)] = None,
+    max_pmds: MaxPmdsOpt = DEFAULT_PMD_CAP,
     as_json: JsonOpt = False,
 ) -> None:
     """Replay every captured PMD bitmap through a model of khugepaged's collapse decision.
@@ -313,7 +322,7 @@ def simulate(
                              f"use one of {', '.join(sim.ALGORITHMS)}", EXIT_BAD_INPUT)
         chosen = _orders(orders)
         reader = Reader(recording)
-        model = replay(reader)
+        model = replay(reader, pmd_cap=max_pmds)
         for w in reader.warnings:
             say(f"khmon: warning: {w}")
         if not model.pmds.active:

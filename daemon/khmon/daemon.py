@@ -39,12 +39,18 @@ import typer
 from .capture.bpfgen import ProbeConfig
 from .errors import EXIT_BAD_INPUT, EXIT_FAIL, KhmonError
 from .kernel.sysfs import selected
+from .model.correlate import DEFAULT_PMD_CAP
 from .service.client import DEFAULT_SOCKET
 
 DEFAULT_PORT = 10464  # see README, "The daemon": 9100-9999 of Prometheus's registry is full
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 DEFAULT_RECORD_MAX = "1G"
 MIN_RECORD_MAX = 8 << 20
+# PMD records held (khmon.model.correlate), for the daemon and the commands alike.
+MAX_PMDS = (100, 10_000_000)
+MAX_PMDS_HELP = ("PMD records kept, about 750 bytes each (the default: about 75 MB); beyond "
+                 "it the least recently active go, counted as evicted (counts and waste "
+                 "totals keep what they saw).")
 EXIT_GRACE_S = 60.0  # an exited process's records stay this long, then are forgotten
 STATUS_EVERY_S = 5.0
 LOSS_QUIET_S = 10.0  # no new loss for this long ends a "losing events" episode
@@ -87,6 +93,7 @@ class Options:
     record_dir: Path | None
     record_max_bytes: int
     max_process_labels: int
+    max_pmds: int
 
 
 def _path_opt(value: Path | None) -> Path | None:
@@ -121,6 +128,9 @@ def command(
         "--max-process-labels", envvar="KHMON_MAX_PROCESS_LABELS", min=1, max=10000,
         help='Distinct comm labels in per-process metrics; later comms count as comm="other".')]
     = 32,
+    max_pmds: Annotated[int, typer.Option(
+        "--max-pmds", envvar="KHMON_MAX_PMDS", min=MAX_PMDS[0], max=MAX_PMDS[1],
+        help=MAX_PMDS_HELP)] = DEFAULT_PMD_CAP,
     ringbuf_pages: Annotated[int, typer.Option(
         "--ringbuf-pages", envvar="KHMON_RINGBUF_PAGES", min=1,
         help="Ring buffer size in pages (a power of two).")] = 1024,
@@ -156,7 +166,7 @@ def command(
         cfg = _config(pid, ringbuf_pages, dedup_slots)
         opts = Options(parse_listen(listen),
                        (tls_cert, tls_key) if tls_cert is not None and tls_key is not None
-                       else None, socket, record, cap, max_process_labels)
+                       else None, socket, record, cap, max_process_labels, max_pmds)
         Daemon(opts, cfg).run()
 
     _guard(body)
@@ -278,7 +288,8 @@ class Daemon:
             return
         self.pipeline = LivePipeline(cap, None, None, snapshot_top=TOP_MAX,
                                      exit_grace_s=EXIT_GRACE_S,
-                                     process_labels=self.opts.max_process_labels)
+                                     process_labels=self.opts.max_process_labels,
+                                     pmd_cap=self.opts.max_pmds)
         header = self.pipeline.header
         if self.opts.record_dir is not None:
             try:

@@ -41,7 +41,8 @@ STOP_TIMEOUT = 60.0 if UNDER_TCG else 10.0
 # Options the environment could set behind a test's back (the daemon reads KHMON_LISTEN ...).
 DAEMON_ENV = ("KHMON_LISTEN", "KHMON_TLS_CERT", "KHMON_TLS_KEY", "KHMON_SOCKET",
               "KHMON_RECORD_DIR", "KHMON_RECORD_MAX_BYTES", "KHMON_PID",
-              "KHMON_MAX_PROCESS_LABELS", "KHMON_RINGBUF_PAGES", "KHMON_DEDUP_SLOTS")
+              "KHMON_MAX_PROCESS_LABELS", "KHMON_MAX_PMDS", "KHMON_RINGBUF_PAGES",
+              "KHMON_DEDUP_SLOTS")
 
 
 class DaemonError(AssertionError):

@@ -256,8 +256,9 @@ def test_dedup_slots_out_of_range(n: str, bound: str) -> None:
     assert "--dedup-slots" in line and bound in line
 
 
-def _pmd_recording(tmp_path: Path) -> Path:
-    """A 7.2 recording of one PMD, PTEs 0..255 present, collapsed at order 9 in 1.5 us."""
+def _pmd_recording(tmp_path: Path, pmds: int = 1) -> Path:
+    """A 7.2 recording of `pmds` PMDs one after the other, PTEs 0..255 present in each,
+    each collapsed at order 9 in 1.5 us."""
     from khdata import func_layouts_72
 
     from khmon.stream.layout import header_events
@@ -270,12 +271,37 @@ def _pmd_recording(tmp_path: Path) -> Path:
     path = tmp_path / "pmds.khrec"
     w = Writer(path, header)
     first_half = bytes([0xFF]) * 32 + bytes(32)
-    w.add(Part("R", event=col.index, data=pack(
-        col.fmt, col.index, ts=5000, mm=0xFFFF8880_00001000, address=0x7F00_0020_0000, order=9,
-        present=first_half, duration_ns=1500, result=ok, owner_tgid=321, owner_comm=b"wl")))
+    w.add(Part("R", event=col.index, data=b"".join(pack(
+        col.fmt, col.index, ts=5000 + 10_000 * i, mm=0xFFFF8880_00001000,
+        address=0x7F00_0020_0000 + i * (2 << 20), order=9, present=first_half,
+        duration_ns=1500, result=ok, owner_tgid=321, owner_comm=b"wl") for i in range(pmds))))
     w.add(Part("E", meta=stats_meta({}, {}, secs=1)))
     w.close()
     return path
+
+
+def test_max_pmds_caps_the_pmd_records(tmp_path: Path) -> None:
+    """--max-pmds: the least recently active PMD records go beyond it, counted; the counts
+    keep every attempt. Out of its range: exit 2 naming the bound."""
+    path = _pmd_recording(tmp_path, pmds=150)
+    full = json.loads(khmon("report", path, "--json").stdout)
+    assert (len(full["pmds"]), full["model"]["pmd_cap"]) == (150, 100_000)
+    p = khmon("report", path, "--json", "--max-pmds", "100")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert (len(r["pmds"]), r["model"]["pmd_cap"], r["model"]["pmds_evicted"]["lru"]) == (
+        100, 100, 50)
+    assert min(int(x["address"], 16) for x in r["pmds"]) == 0x7F00_0020_0000 + 50 * (2 << 20)
+    def totals(rep: dict) -> dict:
+        return {k: (c["attempts"], c["bytes"]) for k, c in rep["wasted"]["by_reason"].items()}
+
+    assert r["collapse"] == full["collapse"] and totals(r) == totals(full)
+    assert totals(r)["bloat"] == (150, 150 * 256 * 4096)
+    for cmd in (["report", path], ["simulate", path], ["record", "-o", tmp_path / "x"],
+                ["daemon"]):
+        p = khmon(*cmd, "--max-pmds", "99")
+        assert p.returncode == 2 and "--max-pmds" in _one_error_line(p)
+        assert "greater than or equal to 100" in _one_error_line(p)
 
 
 def test_report_pmds_and_grid(tmp_path: Path) -> None:
