@@ -515,4 +515,31 @@ def test_a_cut_recording_does_not_claim_its_lost_events(recording: Path, tmp_pat
             "(events after it)\n") in p.stdout
     (warning,) = p.stderr.splitlines()
     assert warning.startswith("khmon: warning: recording cut short: the last ")
-    assert "how many events the cut lost cannot be known" in warning
+    assert "what the probes saw after it cannot be known" in warning
+
+
+def test_a_cut_recording_counts_what_the_cut_lost(tmp_path: Path) -> None:
+    """SIGKILL after a stats part that says the probes had seen 5 collapse events, of which
+    2 reached the file: the report says 3 were lost in the cut, and when its counts end."""
+    lays = by_name(layouts("6.18"))
+    col = lays["mm_collapse_huge_page"]
+    path = tmp_path / "killed.khrec"
+    w = Writer(path, capture_header("6.18", "6.18.44"))
+    w.add(Part("R", event=col.index, data=b"".join(
+        pack(col.fmt, col.index, owner_tgid=100, owner_comm=b"workload", status=1)
+        for _ in range(2))))
+    w.add(Part("S", meta=stats_meta({"mm_collapse_huge_page": 5}, {}, secs=2)))
+    w.add(Part("E", meta=stats_meta({"mm_collapse_huge_page": 6}, {}, secs=3)))
+    w.close()
+    cut = tmp_path / "cut.khrec"
+    cut.write_bytes(path.read_bytes()[:-7])  # SIGKILL: the end part half written
+    p = khmon("report", cut)
+    assert p.returncode == 0, p.stderr
+    assert ("lost events: 0 by the last stats part, at 2.0 s; after it unknown (the recording "
+            "was cut short, see the warning):\n"
+            "  mm_collapse_huge_page: 3 seen by the probes by then that never reached the "
+            "recording (lost in the cut)\n") in p.stdout
+    (warning,) = p.stderr.splitlines()
+    assert "end at its last stats part, at 2.0 s;" in warning
+    r = json.loads(khmon("report", cut, "--json").stdout)
+    assert r["accounting"]["mm_collapse_huge_page"]["unaccounted"] == 3

@@ -364,8 +364,9 @@ class Reader:
         later = (f"; records after it, up to {self._seconds(last)}, are counted"
                  if last is not None and last > stats["mono_ns"] else "")
         return (f"the kernel's counters and lost events end at its last stats part, at "
-                f"{when}{later}; what the kernel still held at the cut (ring buffer, dedup "
-                "slots) is not in it, and how many events the cut lost cannot be known")
+                f"{when}{later}; events the probes had seen by then that never reached the "
+                "file are counted as lost in the cut (the report's lost-events lines), and "
+                "what the probes saw after it cannot be known")
 
     def _cut(self, pos: int, kind: int | None, end: int) -> None:
         if not self.layouts:
