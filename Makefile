@@ -46,6 +46,8 @@ bench: setup
 	$(PY) bench/replay.py
 	$(PY) bench/soak.py
 	$(PY) bench/overhead.py --pin auto
+	$(PY) bench/top_frame.py
+	$(PY) bench/bitmap_cost.py
 
 # Regenerate the Grafana dashboards, alert rules and provisioning files under dashboards/ from
 # their generator (dashboards/*.py, grafana-foundation-sdk); the service tests fail until the

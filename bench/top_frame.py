@@ -107,7 +107,7 @@ def status_kb(pid: int, key: str) -> int:
 
 
 def run_case(name: str, base: dict[str, Any], cap: int | None, seconds: float,
-             pid_pmds: bool = False) -> dict[str, Any]:
+             warmup: float, pid_pmds: bool = False) -> dict[str, Any]:
     def answer(seq: int, req: dict[str, Any]) -> dict[str, Any]:
         return by_pid(base, seq, req.get("pid")) if pid_pmds else grown(base, seq, cap)
 
@@ -123,9 +123,9 @@ def run_case(name: str, base: dict[str, Any], cap: int | None, seconds: float,
                 pane.wait_for(lambda s: "Processes:" in s and "shown of" in s, 60, "data")
                 paint = time.monotonic() - t0
                 ui = min(pane.pids())
-                time.sleep(WARMUP_S)
+                time.sleep(warmup)
                 c0, n0, w0 = proc_cpu(ui), d.seq, time.monotonic()
-                time.sleep(seconds - WARMUP_S)
+                time.sleep(seconds - warmup)
                 c1, n1, w1 = proc_cpu(ui), d.seq, time.monotonic()
                 rss, hwm = status_kb(ui, "VmRSS") / 1024, status_kb(ui, "VmHWM") / 1024
                 screen = pane.screen()
@@ -139,20 +139,24 @@ def run_case(name: str, base: dict[str, Any], cap: int | None, seconds: float,
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--seconds", type=float, default=30.0, help="per case, warm-up included")
+    ap.add_argument("--warmup", type=float, default=WARMUP_S,
+                    help="seconds of each case before CPU time is counted")
     ap.add_argument("--screen", action="store_true", help="print the last screen of each case")
     args = ap.parse_args()
+    if not 0 <= args.warmup < args.seconds:
+        ap.error(f"--seconds {args.seconds:g} must be longer than the warm-up ({args.warmup:g} s)")
     t = time.monotonic()
     base = base_report()
     print(f"snapshot: {len(base['processes']):,} processes, {len(base['pmds']):,} PMD records "
           f"(built in {time.monotonic() - t:.1f} s); khmon top --socket at 1 Hz in tmux 160x50, "
-          f"{args.seconds:.0f} s per case, {WARMUP_S:.0f} s warm-up")
+          f"{args.seconds:g} s per case, {args.warmup:g} s warm-up")
     print(f"{'case':<16}{'JSON/frame':>12}{'decode':>10}{'CPU/frame':>11}{'core':>8}"
           f"{'RSS':>9}{'peak RSS':>10}{'first paint':>13}")
     ok = True
     for name, cap, pid_pmds in (("daemon cap 20", 20, False), ("top cap 200", 200, False),
                                 ("all procs, pid", None, True), ("uncapped", None, False)):
-        r = run_case(name, base, cap, args.seconds, pid_pmds)
+        r = run_case(name, base, cap, args.seconds, args.warmup, pid_pmds)
         print(f"{r['case']:<16}{r['bytes'] / 1e6:>10.2f}MB{r['decode_ms']:>8.1f}ms"
               f"{r['cpu_ms']:>9.1f}ms{r['share'] * 100:>7.2f}%{r['rss']:>7.1f}MB"
               f"{r['hwm']:>8.1f}MB{r['paint_s']:>11.2f} s")
