@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import heapq
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
@@ -175,10 +176,11 @@ class Model:
 
     def snapshot(self, top: int = TOP) -> Snapshot:
         """The report as of now, with its lists capped to the `top` most active processes
-        and PMDs: O(what changed + top), never a walk over every PMD record."""
+        and PMDs: totals kept as the stream goes, one pass over the process table (bounded)
+        to pick its top, the `top` most recent PMDs; never a walk over every PMD record."""
         t0 = time.perf_counter_ns()
         self.seq += 1
-        procs = sorted(self.processes.procs.values(), key=_activity, reverse=True)[:top]
+        procs = heapq.nlargest(top, self.processes.procs.values(), key=_activity)
         recent = []
         infer_ok = self._infer_ok()
         for p in reversed(self.pmds.pmds.values()):  # most recently active last in the table
