@@ -1,4 +1,4 @@
-"""The bitmap codec (khmon.stream.bitmap): bit i = PTE i, 64 bytes in memory order, bit k of
+"""The bitmap codec (khmon.bitmap): bit i = PTE i, 64 bytes in memory order, bit k of
 byte j = PTE 8j+k, hand-placed here."""
 
 from __future__ import annotations
