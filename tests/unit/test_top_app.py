@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 from topdata import frames, hostile
 
 from khmon.outputs.top.app import HelpScreen, Panel, TopApp
-from khmon.outputs.top.sources import DaemonSource
+from khmon.outputs.top.sources import DaemonSource, NotReady
 from khmon.outputs.top.view import GRID, PMDS, PROCESSES
 from tests.support.fake_daemon import FakeDaemon, fake_daemon
 
@@ -214,6 +215,48 @@ def test_slow_source_never_blocks_keys(tmp_path: Path) -> None:
     t0 = time.monotonic()
     app = drive(tmp_path, body)
     assert app.return_code == 0 and time.monotonic() - t0 < 8
+
+
+class SwallowingSource(DaemonSource):
+    """After its first frame, a request that never answers and swallows each cancellation,
+    as Python 3.11's asyncio.wait_for can when the answer comes as it is cancelled
+    (CPython gh-86296); the poller then carries on as if it had not been cancelled."""
+
+    served = False
+    swallowed = 0
+
+    async def snapshot(self, *args: Any, **kw: Any) -> Any:
+        if not self.served:
+            self.served = True
+            return await super().snapshot(*args, **kw)
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            self.swallowed += 1
+        raise NotReady("compiling")
+
+
+def test_quit_ends_the_app_when_a_cancellation_is_swallowed(tmp_path: Path) -> None:
+    """q must end khmon top even when the poller loses a cancellation: it left khmon top
+    running after q in the 7.2 guest, its screen already gone."""
+    sock = tmp_path / "khmon.sock"
+    source = SwallowingSource(sock)
+
+    async def main() -> TopApp:
+        with fake_daemon(sock, by_seq):
+            app = TopApp(source, delay=0.2)
+            async with app.run_test() as pilot:
+                await until(lambda: app.shown is not None, pilot)
+                await pilot.pause(0.5)  # the poller now waits on the request that never ends
+                await pilot.press("q")
+        return app
+
+    done: list[TopApp] = []
+    t = threading.Thread(target=lambda: done.append(asyncio.run(main())), daemon=True)
+    t.start()
+    t.join(20)
+    assert done and done[0].return_code == 0, "khmon top still running after q"
+    assert source.swallowed >= 1
 
 
 def test_source_that_dies_is_shown_and_retried(tmp_path: Path) -> None:

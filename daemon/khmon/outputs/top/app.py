@@ -169,6 +169,7 @@ class TopApp(App[int]):
         self.playing = True
         self._steps = 0  # replay steps asked for by [ and ]
         self._wake = asyncio.Event()
+        self._stopping = False  # unmounting: the poller ends at its next turn
         self._refetch = False  # the next fetch is for the selection, not the next frame
         self._need = 0  # rows the order table wanted at the last layout
         self._prompt: str | None = None
@@ -219,7 +220,7 @@ class TopApp(App[int]):
 
     async def _poll(self) -> None:
         """Refresh every `delay` seconds; never raises (a failure is a notice and a retry)."""
-        while True:
+        while not self._stopping:
             started = time.monotonic()
             try:
                 await self._refresh_once()
@@ -494,10 +495,15 @@ class TopApp(App[int]):
                 box.insert_text_at_cursor(event.character)
 
     async def on_unmount(self) -> None:
+        self._stopping = True
         task = getattr(self, "_poller", None)
-        if task is not None:
+        # Cancel until the poller is done: Python 3.11's asyncio.wait_for can swallow a
+        # cancellation that arrives as the result it waits for does (CPython gh-86296), and
+        # one lost cancellation left khmon top running after q, its screen already gone.
+        while task is not None and not task.done():
             task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+            await asyncio.wait({task}, timeout=0.5)
+        if task is not None and not task.cancelled():
+            task.exception()  # retrieved: a poller bug must not print at exit
         with contextlib.suppress(Exception):
             await self.source.aclose()
