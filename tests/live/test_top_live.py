@@ -57,6 +57,22 @@ def pages_collapsed() -> int:
     return sysfs.read_counters()["khugepaged/pages_collapsed"]
 
 
+QUIET_S = 2.0
+
+
+def quiet_pages_collapsed(timeout: float = 60.0) -> int:
+    """pages_collapsed once it has not changed for QUIET_S (or after `timeout`). Not a
+    full scan's end: with nothing registered for khugepaged, full_scans never moves."""
+    value, since = pages_collapsed(), time.monotonic()
+    deadline = since + timeout
+    while time.monotonic() - since < QUIET_S and time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = pages_collapsed()
+        if now != value:
+            value, since = now, time.monotonic()
+    return value
+
+
 def loaded_programs() -> set[int]:
     out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
                          check=True, timeout=30).stdout
@@ -113,7 +129,10 @@ def watch_workload(pane: TopPane) -> str:
         runs.append(["--pmds", "1", "--pattern", "every4th-empty", "--uffd",
                      "--timeout", str(WORK_S)])
     with sysfs.override(knobs):
-        before = pages_collapsed()
+        # A collapse khugepaged began under the old settings (THP always in the guests: the
+        # daemon's or an earlier test's heap) may still end after they changed (one landed
+        # inside the window once): start it once pages_collapsed has held for QUIET_S.
+        before = quiet_pages_collapsed()
         work = Workloads(runs)
         try:
             work()
