@@ -145,13 +145,12 @@ class LiveCapture:
         exited = self.watch.exited()
         if exited:
             meta["exited"] = exited
-            if self.pages is not None:
-                self.pages[1].forget(exited)
         lost = self.probes.lost_pmds()
         if lost:
             meta["lost_pmds"] = lost
         if self.pages is not None:
             worker = self.pages[1]
+            worker.forget(exited)
             meta["pagemap"] = {"dropped": worker.dropped, "failures": worker.failures,
                                "unresolved": worker.sampler.unresolved, "error": worker.error,
                                "index_evicted": worker.sampler.index.evicted}

@@ -310,7 +310,6 @@ class PfnIndex:
         self.clock = clock
         self.max_processes, self.max_runs = max_processes, max_runs
         self._runs: OrderedDict[int, _Runs] = OrderedDict()  # least recently used first
-        self.runs = 0  # runs held, over every process
         self.evicted = 0  # indexes dropped to stay within the bounds
 
     def pmd_of(self, pid: int, pfn: int) -> int | None:
@@ -342,20 +341,21 @@ class PfnIndex:
         if runs is None:
             return None
         self._runs[pid] = runs
-        self.runs += len(runs)
         # Never the index just built: one process larger than max_runs is still indexed.
         while len(self._runs) > 1 and (len(self._runs) > self.max_processes
                                        or self.runs > self.max_runs):
-            _, old = self._runs.popitem(last=False)
-            self.runs -= len(old)
+            self._runs.popitem(last=False)
             self.evicted += 1
         return runs.pages
 
     def forget(self, pid: int) -> None:
         """Drop a process's index (it exited)."""
-        old = self._runs.pop(pid, None)
-        if old is not None:
-            self.runs -= len(old)
+        self._runs.pop(pid, None)
+
+    @property
+    def runs(self) -> int:
+        """Runs held, over every process (at most max_processes of them)."""
+        return sum(map(len, self._runs.values()))
 
     def __len__(self) -> int:
         return len(self._runs)
